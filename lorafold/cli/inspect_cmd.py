@@ -1,0 +1,48 @@
+"""`lorafold inspect`: what an adapter is, and whether lorafold accepts it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lorafold.adapters import open_adapter
+from lorafold.errors import LorafoldError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("inspect", help="show an adapter's config, modules and validation verdict")
+    p.add_argument("adapter", type=Path, help="adapter dir or archive")
+    p.add_argument("--modules", action="store_true", help="list every module")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with open_adapter(args.adapter) as adapter:
+            adapter.validate()
+            info = adapter.summary()
+            info["valid"] = True
+            modules = [{"name": m.name, "kind": m.kind, "rank": m.rank,
+                        "shape": list(m.delta_shape), "scale": m.scale, "dtype": m.dtype}
+                       for m in adapter.modules.values()]
+    except LorafoldError as e:
+        if args.json:
+            print(json.dumps({"valid": False, "error": e.to_dict()}, indent=2))
+        else:
+            print(f"INVALID  {e.code}: {e.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**info, **({"modules": modules} if args.modules else {})}, indent=2))
+        return 0
+    print(f"VALID  {args.adapter}")
+    for key in ("base_model", "r", "alpha", "use_rslora", "ranks", "layer_kinds",
+                "target_modules", "fan_in_fan_out", "module_count", "parameters", "dtype",
+                "size_bytes", "sha256"):
+        print(f"  {key:<15} {info[key]}")
+    if args.modules:
+        for m in modules:
+            print(f"  {m['name']}  {m['kind']}  r={m['rank']}  {m['shape']}  scale={m['scale']:g}")
+    return 0

@@ -1,0 +1,148 @@
+"""Turn a merge request and opened adapters into a plan, before any tensor is read.
+
+A plan lists, per output module, which inputs contribute (an input without the module
+contributes a zero delta and is simply left out there), with every compatibility check
+done up front: a request that would fail on module 200 fails before module 1 is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafold.adapters.reader import LoraAdapter, ModuleSpec, torch_dtype
+from lorafold.errors import IncompatibleAdapters, InvalidRequest
+from lorafold.merge.methods import MethodSpec, resolve_method
+from lorafold.merge.rules import RuleParams, RuleSpec, check_rule_params, resolve_rule
+
+MAX_RANK = 4096
+OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """What to merge and how. Weights default to 1 for every input."""
+
+    method: str = "ctm"
+    rule: str = "ta"
+    rank: int | None = None
+    weights: tuple[float, ...] | None = None
+    density: float | None = None
+    scale: float = 1.0
+    seed: int = 0
+    balance: bool = False
+    force: bool = False
+    dtype: str | None = None
+
+    def parameters(self) -> dict[str, object]:
+        """The request as recorded in lineage (enough to redo the merge exactly)."""
+        return {"method": self.method, "rule": self.rule, "rank": self.rank,
+                "density": self.density, "scale": self.scale, "seed": self.seed,
+                "balance": self.balance, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    name: str
+    spec: ModuleSpec                 # shape template for writing the output
+    inputs: tuple[int, ...]          # indices of the adapters that have this module
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    request: MergeRequest
+    method: MethodSpec
+    rule: RuleSpec
+    rule_params: RuleParams
+    weights: tuple[float, ...]
+    rank: int
+    dtype: torch.dtype
+    labels: tuple[str, ...]
+    modules: list[ModulePlan] = field(default_factory=list)
+
+
+def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, RuleSpec, RuleParams,
+                                                                  tuple[float, ...]]:
+    """Everything about a request that can be checked without the adapters' contents."""
+    method = resolve_method(request.method)
+    rule = resolve_rule(request.rule)
+    if n_inputs < 1:
+        raise InvalidRequest("a merge needs at least one input adapter", code="no_inputs")
+    weights = request.weights if request.weights is not None else (1.0,) * n_inputs
+    if len(weights) != n_inputs:
+        raise InvalidRequest(f"{len(weights)} weights for {n_inputs} adapters",
+                             code="weights_mismatch")
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidRequest("weights must be finite numbers", code="invalid_parameter")
+    if method.takes_rank:
+        if request.rank is None:
+            raise InvalidRequest(f"method {method.name!r} needs an output rank",
+                                 code="rank_required")
+        if not (1 <= request.rank <= MAX_RANK):
+            raise InvalidRequest(f"rank must be between 1 and {MAX_RANK}, got {request.rank}",
+                                 code="invalid_parameter")
+    if not method.takes_rule and request.rule != "ta":
+        raise InvalidRequest(f"method {method.name!r} is exact and takes no rule (it always "
+                             "sums the weighted deltas)", code="invalid_parameter")
+    if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
+        raise InvalidRequest(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}",
+                             code="invalid_parameter")
+    params = check_rule_params(rule, request.density, request.scale)
+    return method, rule, params, tuple(float(w) for w in weights)
+
+
+def unique_labels(labels: Sequence[str]) -> tuple[str, ...]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return tuple(out)
+
+
+def _check_base_models(adapters: Sequence[LoraAdapter], force: bool) -> None:
+    names = {a.config.base_model_name_or_path for a in adapters} - {None, ""}
+    if len(names) > 1 and not force:
+        raise IncompatibleAdapters(
+            f"inputs were trained on different base models ({', '.join(sorted(map(str, names)))});"
+            " pass force to merge them anyway", code="base_model_mismatch")
+
+
+def _same_layout(a: ModuleSpec, b: ModuleSpec) -> bool:
+    return (a.kind == b.kind and a.delta_shape == b.delta_shape
+            and a.a_shape[1:] == b.a_shape[1:] and a.b_shape[2:] == b.b_shape[2:])
+
+
+def plan_merge(adapters: Sequence[LoraAdapter], request: MergeRequest) -> MergePlan:
+    method, rule, params, weights = check_request(request, len(adapters))
+    _check_base_models(adapters, request.force)
+    by_module: dict[str, list[int]] = {}
+    for index, adapter in enumerate(adapters):
+        for name in adapter.modules:
+            by_module.setdefault(name, []).append(index)
+    modules = []
+    for name in sorted(by_module):
+        inputs = by_module[name]
+        first = adapters[inputs[0]].modules[name]
+        for index in inputs[1:]:
+            other = adapters[index].modules[name]
+            if not _same_layout(first, other):
+                raise IncompatibleAdapters(
+                    f"{name}: {adapters[inputs[0]].label} has a {first.kind} delta of shape "
+                    f"{list(first.delta_shape)} but {adapters[index].label} has a {other.kind} "
+                    f"delta of shape {list(other.delta_shape)}; they are not for the same "
+                    "model", code="module_shape_mismatch")
+        modules.append(ModulePlan(name=name, spec=first, inputs=tuple(inputs)))
+    if method.takes_rank:
+        assert request.rank is not None
+        rank = request.rank
+    else:
+        rank = max(sum(adapters[i].modules[m.name].rank for i in m.inputs) for m in modules)
+    dtype = (torch_dtype(OUTPUT_DTYPES[request.dtype]) if request.dtype
+             else adapters[0].dtype)
+    return MergePlan(request=request, method=method, rule=rule, rule_params=params,
+                     weights=weights, rank=rank, dtype=dtype,
+                     labels=unique_labels([a.label for a in adapters]), modules=modules)
