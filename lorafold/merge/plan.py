@@ -87,6 +87,10 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
     if not method.takes_rule and request.rule != "ta":
         raise InvalidRequest(f"method {method.name!r} is exact and takes no rule (it always "
                              "sums the weighted deltas)", code="invalid_parameter")
+    if method.name == "core" and rule.name == "iso":
+        raise InvalidRequest("method core with rule iso is ill-defined: iso flattens the "
+                             "spectrum of the R×R core, so truncating it to rank r would keep "
+                             "an arbitrary subspace; use ctm with iso", code="invalid_combination")
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}",
                              code="invalid_parameter")

@@ -1,0 +1,1 @@
+"""Local server processes we start and stop ourselves (Redis, SeaweedFS, API, workers)."""
