@@ -1,0 +1,56 @@
+"""Where the adapter store keeps things in object storage — the only place that knows.
+
+    blobs/sha256/<hex>                          content-addressed bytes, shared by adapters
+    tenants/<tenant>/adapters/<adapter_id>.json one manifest per adapter, written last
+    tmp/<uuid>                                  uploads in flight, before their hash is known
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from lorafold.errors import InvalidRequest
+
+BLOB_PREFIX = "blobs/sha256/"
+TMP_PREFIX = "tmp/"
+MANIFEST_SUFFIX = ".json"
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_valid_name(value: str) -> bool:
+    """Tenant ids, adapter ids and file names: one safe key segment, at most 128 chars."""
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
+
+
+def check_name(value: str, what: str) -> str:
+    if not is_valid_name(value):
+        raise InvalidRequest(f"invalid {what} {value!r}: use letters, digits, '_', '-', '.' "
+                             "(at most 128, starting with a letter or digit)",
+                             code=f"invalid_{what.replace(' ', '_')}")
+    return value
+
+
+def blob_key(sha256: str) -> str:
+    if _SHA256_RE.fullmatch(sha256) is None:
+        raise InvalidRequest(f"invalid sha256 {sha256!r}", code="invalid_sha256")
+    return BLOB_PREFIX + sha256
+
+
+def manifest_prefix(tenant: str) -> str:
+    return f"tenants/{check_name(tenant, 'tenant')}/adapters/"
+
+
+def manifest_key(tenant: str, adapter_id: str) -> str:
+    return manifest_prefix(tenant) + check_name(adapter_id, "adapter id") + MANIFEST_SUFFIX
+
+
+def adapter_id_of(key: str) -> str:
+    """The adapter id a manifest key names (inverse of `manifest_key`)."""
+    return key.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX)
+
+
+def tmp_key() -> str:
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}"
