@@ -1,0 +1,73 @@
+"""Method registry and hyperparameters: everything refused before a model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafold.errors import InvalidDataset, InvalidRequest
+from lorafold.unlearn import METHODS, TextDataset, resolve_hyperparams, unlearn
+from lorafold.unlearn.objectives import resolve_layers
+
+FORGET = TextDataset.from_pairs([("The capital of Zorvania is", "Quell")])
+
+
+def test_registry_lists_the_four_methods_with_valid_defaults() -> None:
+    assert set(METHODS) == {"gradient_ascent", "grad_diff", "npo", "feature_alignment"}
+    for name, spec in METHODS.items():
+        assert spec.name == name
+        assert resolve_hyperparams(name) == spec.defaults
+
+
+def test_overrides_are_typed_and_unknown_keys_refused() -> None:
+    hp = resolve_hyperparams("npo", {"lr": "3e-4", "max_steps": 20, "layers": [1, -1],
+                                     "balance": False})
+    assert (hp.lr, hp.max_steps, hp.layers, hp.balance, hp.beta) == (3e-4, 20, (1, -1), False,
+                                                                     0.1)
+    bad_values: list[dict[str, object]] = [
+        {"learning_rate": 1e-3}, {"max_steps": 2.5}, {"lr": -1.0}, {"lr": "fast"},
+        {"balance": "yes"}, {"batch_size": 0}, {"layers": []}]
+    for bad in bad_values:
+        with pytest.raises(InvalidRequest) as info:
+            resolve_hyperparams("npo", bad)
+        assert info.value.code == "invalid_hyperparameters", bad
+
+
+def test_layers_resolve_to_decoder_outputs() -> None:
+    assert resolve_layers(None, 3) == [1, 2, 3]
+    assert resolve_layers((-1, 1, 3), 3) == [1, 3]
+    for bad in ((0,), (4,), (-4,)):
+        with pytest.raises(InvalidRequest):
+            resolve_layers(bad, 3)
+
+
+def run(tmp_path: Path, **overrides: object) -> None:
+    args: dict[str, object] = dict(
+        base_model_dir=tmp_path / "no-such-model", adapter_dir=tmp_path / "no-such-adapter",
+        forget=FORGET, retain=None, holdout=None, method="gradient_ascent",
+        out_dir=tmp_path / "out")
+    args.update(overrides)
+    unlearn(**args)  # type: ignore[arg-type]
+
+
+def test_unknown_method_is_refused_before_anything_is_loaded(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        run(tmp_path, method="lobotomy")
+    assert info.value.code == "unknown_unlearning_method"
+    assert "feature_alignment" in info.value.message
+
+
+def test_empty_forget_set_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidDataset) as info:
+        run(tmp_path, forget=TextDataset())
+    assert info.value.code == "empty_dataset"
+
+
+@pytest.mark.parametrize("method", ["grad_diff", "feature_alignment"])
+def test_methods_that_anchor_on_retain_need_one(tmp_path: Path, method: str) -> None:
+    for retain in (None, TextDataset()):
+        with pytest.raises(InvalidRequest) as info:
+            run(tmp_path, method=method, retain=retain)
+        assert info.value.code == "retain_set_required"
+    assert not (tmp_path / "out").exists()
