@@ -13,6 +13,11 @@ from typing import Any
 from lorafold.adapters.reader import LoraAdapter, open_adapter
 from lorafold.errors import InvalidRequest
 from lorafold.unlearn.adapter_ops import negate_adapter, remove_constituents
+from lorafold.unlearn.base_models import resolve_base_model
+from lorafold.unlearn.datasets import TextDataset, parse_jsonl
+from lorafold.unlearn.objectives import METHODS as UNLEARN_METHODS
+from lorafold.unlearn.objectives import resolve_hyperparams
+from lorafold.unlearn.run import unlearn
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,6 +42,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     neg.add_argument("--out", type=Path, required=True)
     neg.add_argument("--device", default="auto")
     neg.set_defaults(handler=run_negate)
+
+    data = modes.add_parser("data", help="unlearn a forget set from an adapter (needs its base)")
+    data.add_argument("--base-model", required=True,
+                      help="a local model directory, or a name found under --model-dir or in the "
+                           "local Hugging Face cache (never downloaded)")
+    data.add_argument("--model-dir", type=Path, action="append", default=[],
+                      help="root directory holding base models as <root>/<name> (repeatable)")
+    data.add_argument("--adapter", type=Path, required=True, help="the adapter to unlearn from")
+    data.add_argument("--forget", type=Path, required=True,
+                      help="JSONL: {text} or {prompt, completion} per line")
+    data.add_argument("--retain", type=Path, help="JSONL of what must be kept")
+    data.add_argument("--holdout", type=Path,
+                      help="JSONL never trained on: enables gold-free stopping and the MIA AUC")
+    data.add_argument("--method", default="npo", choices=sorted(UNLEARN_METHODS))
+    data.add_argument("--max-steps", type=int, help="override the method's default step budget")
+    data.add_argument("--lr", type=float, help="override the method's default learning rate")
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--device", default="auto")
+    data.set_defaults(handler=run_data)
 
 
 def _summary(result_lineage: Mapping[str, Any], out: Path) -> None:
@@ -64,6 +88,30 @@ def run_remove(args: argparse.Namespace) -> int:
         result = remove_constituents(args.merged, args.remove, args.out, resolve=resolve,
                                      device=args.device)
     _summary(result.lineage, result.out_dir)
+    return 0
+
+
+def _dataset(path: Path | None) -> TextDataset | None:
+    if path is None:
+        return None
+    with path.open("rb") as f:
+        return parse_jsonl(f, name=path.name)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    base = args.base_model
+    base_dir = Path(base) if Path(base).is_dir() else resolve_base_model(
+        base, model_dirs=args.model_dir)
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("lr", args.lr)) if v is not None}
+    forget = _dataset(args.forget)
+    assert forget is not None
+    result = unlearn(base_model_dir=base_dir, adapter_dir=args.adapter, forget=forget,
+                     retain=_dataset(args.retain), holdout=_dataset(args.holdout),
+                     method=args.method, out_dir=args.out,
+                     hyperparams=resolve_hyperparams(args.method, overrides or None),
+                     device=args.device)
+    print(f"wrote {result.out_dir}")
+    print(json.dumps(result.metrics, indent=2, default=str))
     return 0
 
 
