@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from lorafold import __version__
-from lorafold.cli import demo_cmd, inspect_cmd, merge_cmd, unlearn_cmd
+from lorafold.cli import client_cmd, demo_cmd, inspect_cmd, merge_cmd, service_cmd, unlearn_cmd
 from lorafold.errors import LorafoldError
 
-SUBCOMMANDS = [merge_cmd, inspect_cmd, demo_cmd, unlearn_cmd]
+SUBCOMMANDS = [merge_cmd, inspect_cmd, demo_cmd, unlearn_cmd, service_cmd, client_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

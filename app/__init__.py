@@ -1,0 +1,1 @@
+"""HTTP front end (FastAPI): routes, schemas, auth, errors. Thin: calls lorafold.service."""

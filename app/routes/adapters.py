@@ -1,0 +1,121 @@
+"""/v1/adapters: upload (streamed multipart), list, get, delete, download."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import ContextDep, IdempotencyKeyDep, SettingsDep, TenantDep
+from app.errors import problem_responses, status_for
+from app.metrics import Metrics
+from app.multipart import receive_upload
+from app.schemas import AdapterPublic, AdaptersPublic
+from lorafold.errors import LorafoldError
+from lorafold.service import adapters as service
+from lorafold.service.uploads import ByteBudget, UploadSpool, create_adapter
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                              "description": "adapter_config.json and "
+                                             "adapter_model.safetensors (file names matter)"},
+                    "archive": {"type": "string", "format": "binary",
+                                "description": "instead of files: one .zip, .tar.gz or .tar "
+                                               "of the adapter directory"},
+                    "name": {"type": "string", "maxLength": 200},
+                    "metadata": {"type": "string", "description": "a JSON object"},
+                },
+            },
+            "encoding": {"files": {"contentType": "application/octet-stream"}},
+            "example": {"name": "support-tickets-v3", "metadata": '{"team": "support"}'},
+        }},
+    },
+}
+
+
+@router.post("", status_code=201, response_model=AdapterPublic, openapi_extra=UPLOAD_BODY,
+             summary="Upload an adapter",
+             responses=problem_responses(401, 409, 413, 422, 503))
+async def upload_adapter(request: Request, ctx: ContextDep, settings: SettingsDep,
+                         tenant: TenantDep,
+                         idempotency_key: IdempotencyKeyDep = None) -> AdapterPublic:
+    """Streams the upload to disk (413 past the size limit), validates every tensor, then
+    publishes: a refused adapter is never stored or listed."""
+    metrics: Metrics = request.app.state.metrics
+    spool = await run_in_threadpool(UploadSpool.create, ctx.spool_dir)
+    budget = ByteBudget(settings.max_upload_bytes)
+    try:
+        started = time.perf_counter()
+        await receive_upload(request, spool=spool, budget=budget,
+                             drain_limit=settings.upload_drain_bytes)
+        logger.info("upload of %d bytes received in %.2fs", budget.used,
+                    time.perf_counter() - started)
+        view = await run_in_threadpool(lambda: create_adapter(
+            ctx=ctx, tenant=tenant, spool=spool, idempotency_key=idempotency_key))
+        metrics.uploads.labels("accepted").inc()
+    except LorafoldError as e:
+        metrics.uploads.labels("refused" if status_for(e) < 500 else "failed").inc()
+        raise
+    except Exception:
+        metrics.uploads.labels("failed").inc()
+        raise
+    finally:
+        metrics.upload_bytes.inc(min(budget.used, budget.limit))
+        await run_in_threadpool(spool.cleanup)
+    return AdapterPublic.model_validate(view)
+
+
+@router.get("", response_model=AdaptersPublic, summary="List the tenant's adapters",
+            responses=problem_responses(401, 503))
+def list_adapters(ctx: ContextDep, tenant: TenantDep) -> AdaptersPublic:
+    views = service.list_adapters(store=ctx.adapters, tenant=tenant)
+    return AdaptersPublic(data=[AdapterPublic.model_validate(v) for v in views],
+                          count=len(views))
+
+
+@router.get("/{adapter_id}", response_model=AdapterPublic, summary="Get one adapter",
+            responses=problem_responses(401, 404, 503))
+def get_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> AdapterPublic:
+    return AdapterPublic.model_validate(
+        service.get_adapter(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id))
+
+
+@router.delete("/{adapter_id}", status_code=204, summary="Delete an adapter",
+               responses=problem_responses(401, 404, 503))
+def delete_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
+    service.delete_adapter(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id)
+    return Response(status_code=204)
+
+
+@router.get("/{adapter_id}/download", summary="Download an adapter (.tar)",
+            response_class=StreamingResponse,
+            responses={
+                200: {"description": "the adapter as an uncompressed tar (filesystem storage)",
+                      "content": {"application/x-tar": {
+                          "schema": {"type": "string", "format": "binary"}}}},
+                307: {"description": "redirect to a presigned URL (S3 storage)"},
+                **problem_responses(401, 404, 503)})
+def download_adapter(adapter_id: str, ctx: ContextDep, settings: SettingsDep,
+                     tenant: TenantDep) -> Response:
+    download = service.open_download(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id,
+                                     expires_s=settings.presign_expires_s,
+                                     signer=ctx.presign_storage)
+    if download.url is not None:
+        return RedirectResponse(download.url, status_code=307)
+    assert download.stream is not None
+    return StreamingResponse(download.stream, media_type="application/x-tar", headers={
+        "Content-Disposition": f'attachment; filename="{download.filename}"',
+        "Content-Length": str(download.size)})

@@ -1,0 +1,172 @@
+"""Request and response bodies, one model per direction (…Create in, …Public out)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lorafold.jobs import JobStatus, JobType
+from lorafold.merge import METHODS, RULES, MergeRequest
+
+ADAPTER_EXAMPLE: dict[str, Any] = {
+    "id": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "name": "support-tickets-v3",
+    "source": "upload", "parents": [], "metadata": {"team": "support"}, "job_id": None,
+    "base_model": "meta-llama/Llama-2-7b-hf", "r": 16, "alpha": 32.0,
+    "target_modules": ["q_proj", "v_proj"], "module_count": 64, "dtype": "float16",
+    "size_bytes": 16_794_200, "sha256": "9f2c…", "archive_size_bytes": 16_803_840,
+    "created_at": "2026-11-22T09:15:02.120391+00:00",
+}
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "job_0a1b2c3d4e5f47a8b9c0d1e2f3a4b5c6", "type": "merge", "status": "running",
+    "created_at": "2026-11-22T09:16:00.000000Z", "started_at": "2026-11-22T09:16:00.210000Z",
+    "finished_at": None, "progress": {"stage": "merge", "fraction": 0.42}, "result": None,
+    "error": None, "attempts": 1, "cancel_requested": False,
+    "params": {"name": "support+billing", "inputs": [
+        {"id": "ad_6f1c…", "weight": 1.0, "sha256": "9f2c…"}]},
+}
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; `code` is stable and machine-readable."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "type": "urn:lorafold:problem:adapter_not_found", "title": "Not Found", "status": 404,
+        "detail": "adapter 'ad_0123' not found", "code": "adapter_not_found"}]})
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="request validation errors (code request_validation_failed)")
+
+
+class AdapterPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ADAPTER_EXAMPLE]})
+
+    id: str
+    name: str
+    source: Literal["upload", "merge", "unlearn"]
+    parents: list[str] = Field(description="ids of the adapters it was made from")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    job_id: str | None = Field(default=None, description="the job that produced it (merges)")
+    base_model: str | None
+    r: int
+    alpha: float
+    target_modules: list[str] | str | None
+    module_count: int
+    dtype: str
+    size_bytes: int = Field(description="size of adapter_model.safetensors")
+    sha256: str = Field(description="sha256 of adapter_model.safetensors")
+    archive_size_bytes: int = Field(description="size of the download (.tar)")
+    created_at: str
+
+
+class AdaptersPublic(BaseModel):
+    data: list[AdapterPublic]
+    count: int
+
+
+class MergeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    weight: float = Field(default=1.0, description="w_t; may be negative")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("weight must be a finite number")
+        return value
+
+
+class MergeCreate(BaseModel):
+    """A merge request. `rank` is required by every method but `cat`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "adapters": [{"id": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "weight": 1.0},
+                     {"id": "ad_1d2e3f4a5b6c4d7e8f9a0b1c2d3e4f5a", "weight": 0.5}],
+        "method": "ctm", "rule": "ties", "rank": 16, "density": 0.5,
+        "name": "support+billing"}]})
+
+    adapters: list[MergeInput] = Field(min_length=1, max_length=64)
+    method: str = Field(default="ctm", description=f"one of {', '.join(sorted(METHODS))}")
+    rule: str = Field(default="ta", description=f"one of {', '.join(sorted(RULES))}")
+    rank: int | None = Field(default=None, description="output rank r")
+    density: float | None = Field(default=None, description="ties/dare keep fraction")
+    scale: float = Field(default=1.0, description="global scale λ on the merged delta")
+    seed: int = Field(default=0, description="seed of dare's random drop")
+    balance: bool = Field(default=False,
+                          description="ctm: equal say for every input in the subspaces")
+    force: bool = Field(default=False, description="merge adapters of different base models")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    name: str | None = Field(default=None, max_length=200)
+
+    def to_request(self) -> MergeRequest:
+        return MergeRequest(method=self.method, rule=self.rule, rank=self.rank,
+                            weights=tuple(a.weight for a in self.adapters),
+                            density=self.density, scale=self.scale, seed=self.seed,
+                            balance=self.balance, force=self.force, dtype=self.dtype)
+
+
+class ProgressPublic(BaseModel):
+    stage: str
+    fraction: float
+
+
+class JobErrorPublic(BaseModel):
+    code: str
+    message: str
+    retryable: bool
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    id: str
+    type: JobType
+    status: JobStatus
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: ProgressPublic
+    result: dict[str, Any] | None = Field(
+        default=None, description="on success: {adapter_id, report}")
+    error: JobErrorPublic | None
+    attempts: int
+    cancel_requested: bool
+    params: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+    next_cursor: str | None = Field(default=None,
+                                    description="pass as `cursor` for the next page")
+
+
+class JobEventPublic(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    seq: int
+    ts: str
+    type: str
+
+
+class JobEventsPublic(BaseModel):
+    data: list[JobEventPublic]
+    count: int
+    last_seq: int = Field(description="pass as `since` to get only newer events")
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyPublic(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str]

@@ -1,0 +1,146 @@
+"""`lorafold client ...`: talk to a running lorafold service.
+
+The URL and API key come from --url/--api-key, else LORAFOLD_URL/LORAFOLD_API_KEY (read
+by `ClientSettings`). Results are printed as JSON on stdout; `wait` draws a progress bar
+on stderr and exits non-zero unless the job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lorafold.cli.merge_cmd import parse_weights
+from lorafold.client import LorafoldClient
+from lorafold.errors import InvalidRequest
+from lorafold.settings import ClientSettings
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _client(args: argparse.Namespace) -> LorafoldClient:
+    settings = ClientSettings()
+    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    if not key:
+        raise InvalidRequest("no API key: pass --api-key or set LORAFOLD_API_KEY "
+                             "(`lorafold up` prints one)", code="missing_api_key")
+    return LorafoldClient(args.url or settings.url, key, timeout=settings.timeout_s)
+
+
+def _metadata(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequest(f"--metadata is not JSON: {e}", code="invalid_metadata") from e
+    if not isinstance(value, dict):
+        raise InvalidRequest("--metadata must be a JSON object", code="invalid_metadata")
+    return value
+
+
+def wait_with_bar(client: LorafoldClient, job_id: str, timeout: float) -> dict[str, Any]:
+    with tqdm(total=100, unit="%", file=sys.stderr,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+        def on_progress(job: dict[str, Any]) -> None:
+            bar.set_description(f"{job['status']} {job['progress']['stage']}")
+            bar.n = round(100 * job["progress"]["fraction"])
+            bar.refresh()
+
+        return client.wait(job_id, timeout=timeout, on_progress=on_progress)
+
+
+def _finished(job: dict[str, Any]) -> int:
+    _print(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        action = args.action
+        if action == "upload":
+            _print(client.upload(args.path, name=args.name, metadata=_metadata(args.metadata)))
+        elif action == "list":
+            _print(client.list_adapters())
+        elif action == "get":
+            _print(client.get_adapter(args.adapter_id))
+        elif action == "delete":
+            client.delete_adapter(args.adapter_id)
+        elif action == "download":
+            out = args.out or Path(args.adapter_id if args.extract else f"{args.adapter_id}.tar")
+            print(client.download(args.adapter_id, out, extract=args.extract))
+        elif action == "merge":
+            job = client.merge(args.adapter_ids, weights=parse_weights(args.weights),
+                               method=args.method, rule=args.rule, rank=args.rank,
+                               density=args.density, scale=args.scale, seed=args.seed,
+                               balance=args.balance, force=args.force, dtype=args.dtype,
+                               name=args.name)
+            if args.wait:
+                return _finished(wait_with_bar(client, job["id"], args.timeout))
+            _print(job)
+        elif action == "wait":
+            return _finished(wait_with_bar(client, args.job_id, args.timeout))
+        elif action == "jobs":
+            _print(list(client.list_jobs(status=args.status, limit=args.limit)))
+        elif action == "job":
+            _print(client.get_job(args.job_id))
+        elif action == "events":
+            _print(client.events(args.job_id))
+        elif action == "cancel":
+            _print(client.cancel(args.job_id))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("client", help="use a running lorafold service",
+                       description="Upload, merge, follow and download through the REST API.")
+    p.add_argument("--url", help="service URL (default $LORAFOLD_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="API key (default $LORAFOLD_API_KEY)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    up = actions.add_parser("upload", help="upload an adapter dir, .zip or .tar.gz")
+    up.add_argument("path", type=Path)
+    up.add_argument("--name")
+    up.add_argument("--metadata", help="a JSON object")
+    actions.add_parser("list", help="list adapters")
+    for name, text in (("get", "show one adapter"), ("delete", "delete an adapter")):
+        actions.add_parser(name, help=text).add_argument("adapter_id")
+    down = actions.add_parser("download", help="download an adapter (.tar)")
+    down.add_argument("adapter_id")
+    down.add_argument("--out", type=Path, help="file (or directory with --extract)")
+    down.add_argument("--extract", action="store_true", help="unpack into a directory")
+
+    merge = actions.add_parser("merge", help="merge adapters (a job)")
+    merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
+    merge.add_argument("--method", default="ctm")
+    merge.add_argument("--rule", default="ta")
+    merge.add_argument("--rank", type=int)
+    merge.add_argument("--weights", help="comma-separated, one per adapter")
+    merge.add_argument("--density", type=float)
+    merge.add_argument("--scale", type=float, default=1.0)
+    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--balance", action="store_true")
+    merge.add_argument("--force", action="store_true")
+    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    merge.add_argument("--name")
+    merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    merge.add_argument("--timeout", type=float, default=3600.0)
+
+    wait = actions.add_parser("wait", help="wait for a job, with a progress bar")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    jobs = actions.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed",
+                                           "cancelled"])
+    jobs.add_argument("--limit", type=int, default=50)
+    for name, text in (("job", "show a job"), ("events", "a job's events"),
+                       ("cancel", "cancel a job")):
+        actions.add_parser(name, help=text).add_argument("job_id")
+    p.set_defaults(handler=run)

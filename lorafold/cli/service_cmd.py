@@ -1,0 +1,174 @@
+"""`lorafold up` (the whole local stack) and `lorafold worker` (job workers only).
+
+`lorafold up` starts, as its own children: a Redis server (AOF on, noeviction), SeaweedFS
+as an S3 server when `--s3` is given (else filesystem storage), the API (uvicorn in a
+child process) and the workers; it prints the URL and the API key and stops every child
+it started, by PID, on Ctrl-C or SIGTERM.
+
+Auth: on first start it creates a random API key for tenant `default` and stores it in
+`<data-dir>/api_keys.json` (mode 600); later starts reuse it. Add keys (and tenants) to
+that file. The S3 credentials of `--s3` are kept beside it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lorafold.errors import LorafoldError
+from lorafold.servers.process import ManagedProcess, free_port, wait_for_port
+from lorafold.servers.redis import start_redis
+from lorafold.settings import Settings
+from workers.launcher import WorkerPool, plan_workers, run_pool
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+S3_BUCKET = "lorafold"
+
+
+def write_private_json(path: Path, payload: dict[str, Any]) -> None:
+    """Create `path` readable by its owner only (never world-readable, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+
+
+def ensure_api_key(data_dir: Path) -> tuple[Path, str]:
+    """The key file and its first key, creating both on first start."""
+    path = data_dir / "api_keys.json"
+    if not path.exists():
+        write_private_json(path, {"lf_" + secrets.token_urlsafe(32): DEFAULT_TENANT})
+    keys = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(keys, dict) or not keys:
+        raise LorafoldError(f"{path} holds no API keys", code="invalid_api_keys_file")
+    return path, next(iter(keys))
+
+
+def ensure_s3_credentials(data_dir: Path) -> tuple[str, str]:
+    path = data_dir / "s3_credentials.json"
+    if not path.exists():
+        write_private_json(path, {"access_key": "lf" + secrets.token_hex(8),
+                                  "secret_key": secrets.token_urlsafe(32)})
+    creds = json.loads(path.read_text(encoding="utf-8"))
+    return str(creds["access_key"]), str(creds["secret_key"])
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[bool]]:
+    """Turn SIGINT/SIGTERM into a flag the supervising loop polls."""
+    flag = [False]
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        flag[0] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def api_argv(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+            "--host", host, "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--timeout-graceful-shutdown", "10"]
+
+
+def run_up(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logs = data_dir / "logs"
+    keys_file, api_key = ensure_api_key(data_dir)
+    env: dict[str, str] = {"LORAFOLD_API_KEYS_FILE": str(keys_file),
+                           "LORAFOLD_SPOOL_DIR": str(data_dir / "spool"),
+                           "LORAFOLD_WORKERS": str(args.workers)}
+    stack: list[Any] = []  # things with .stop(), in start order
+    try:
+        redis = start_redis(data_dir / "redis", log_path=logs / "redis.log")
+        stack.append(redis)
+        env["LORAFOLD_REDIS_URL"] = redis.url
+        if args.s3:
+            from lorafold.servers.seaweedfs import start_seaweedfs
+
+            access, secret = ensure_s3_credentials(data_dir)
+            s3 = start_seaweedfs(data_dir / "s3", access_key=access, secret_key=secret,
+                                 log_dir=logs / "seaweedfs")
+            stack.append(s3)
+            env.update({"LORAFOLD_STORAGE_URL": f"s3://{S3_BUCKET}",
+                        "LORAFOLD_S3_ENDPOINT_URL": s3.endpoint_url,
+                        "LORAFOLD_S3_REGION": s3.region, "LORAFOLD_S3_ACCESS_KEY": access,
+                        "LORAFOLD_S3_SECRET_KEY": secret})
+        else:
+            env["LORAFOLD_STORAGE_URL"] = str(data_dir / "storage")
+        settings = Settings.from_env_overrides(env)  # what the children will see
+        port = args.port or free_port()
+        api = ManagedProcess(name="api", argv=api_argv(args.host, port), env=env,
+                             log_path=logs / "api.log").start()
+        stack.append(api)
+        wait_for_port(port, timeout=120, process=api.process)
+        pool = WorkerPool(plan_workers(settings), env=env, log_dir=logs).start()
+        stack.append(pool)
+        url = f"http://{args.host}:{port}"
+        print(f"lorafold is up at {url}  (docs: {url}/docs)")
+        print(f"API key (tenant '{DEFAULT_TENANT}'): {api_key}")
+        print(f"  export LORAFOLD_URL={url} LORAFOLD_API_KEY={api_key}")
+        print(f"data: {data_dir}  logs: {logs}  workers: {len(pool.processes)}  "
+              f"storage: {'S3 (SeaweedFS)' if args.s3 else 'filesystem'}")
+        print("Ctrl-C stops everything.", flush=True)
+        with stop_signals() as stopping:
+            while not stopping[0]:
+                time.sleep(0.5)
+                if not api.alive():
+                    raise LorafoldError("the API process exited; see logs/api.log",
+                                        code="api_exited")
+                pool.check()
+    finally:
+        for item in reversed(stack):
+            with contextlib.suppress(Exception):
+                item.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    overrides: dict[str, str] = {}
+    if args.workers is not None:
+        overrides["LORAFOLD_WORKERS"] = str(args.workers)
+    if args.gpus is not None:
+        overrides["LORAFOLD_GPUS"] = args.gpus
+    settings = Settings.from_env_overrides(overrides)
+    logging.getLogger().setLevel(settings.log_level)
+    return run_pool(settings, env=overrides)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("up", help="run the service locally (Redis, S3, API, workers)",
+                        description="Start Redis, optionally SeaweedFS (S3), the API and "
+                                    "the workers as child processes; Ctrl-C stops them.")
+    up.add_argument("--data-dir", type=Path, default=Path(".lorafold"),
+                    help="state: Redis AOF, storage, API key, logs (default .lorafold)")
+    up.add_argument("--port", type=int, help="API port (default: a free one)")
+    up.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    up.add_argument("--s3", action="store_true", help="store adapters in SeaweedFS (S3)")
+    up.add_argument("--workers", type=int, default=1, help="CPU workers when no GPU")
+    up.set_defaults(handler=run_up)
+
+    worker = sub.add_parser("worker", help="run job workers (one per GPU, else --workers)",
+                            description="Start RQ workers for the configured Redis; settings "
+                                        "come from LORAFOLD_* variables.")
+    worker.add_argument("--workers", type=int, help="CPU workers when no GPU is visible")
+    worker.add_argument("--gpus", help="'auto', 'none' or GPU indices '0,1'")
+    worker.set_defaults(handler=run_worker)

@@ -1,0 +1,146 @@
+"""Adapters as the service shows them: records, public views, publishing, downloads.
+
+An adapter's manifest (written by `AdapterStore.publish`) carries a `record` with what
+the API shows; `adapter_view` turns a manifest into that public dict. Every adapter is
+stored as its files (blobs) plus one uncompressed tar of them for downloads: safetensors
+barely compress, and a tar is written at disk speed and accepted back by uploads.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
+from lorafold.adapters.writer import LINEAGE_NAME
+from lorafold.errors import InvalidRequest
+from lorafold.storage import Storage, layout
+from lorafold.storage.adapters import AdapterStore
+
+Source = Literal["upload", "merge", "unlearn"]
+ADAPTER_ID_PREFIX = "ad_"
+ARCHIVE_NAME = "adapter.tar"
+PUBLISHED_FILES = (CONFIG_NAME, WEIGHTS_NAME, LINEAGE_NAME)
+MAX_NAME_LENGTH = 200
+ARCHIVE_COPY_BUFFER = 4 * 1024 * 1024
+
+
+def new_adapter_id() -> str:
+    return ADAPTER_ID_PREFIX + uuid.uuid4().hex
+
+
+def adapter_id_for_job(job_id: str) -> str:
+    """The output id of a job: fixed by the job id, so a retried job overwrites its output."""
+    return ADAPTER_ID_PREFIX + job_id.removeprefix("job_")
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise InvalidRequest(f"name must be 1 to {MAX_NAME_LENGTH} printable characters",
+                             code="invalid_name")
+    return name
+
+
+def adapter_record(summary: Mapping[str, Any], *, name: str, source: Source,
+                   parents: Sequence[str] = (), metadata: Mapping[str, Any] | None = None,
+                   job_id: str | None = None) -> dict[str, Any]:
+    """What the manifest keeps about an adapter besides its blobs (all JSON), from the
+    core library's `LoraAdapter.summary()`."""
+    return {
+        "name": name,
+        "source": source,
+        "parents": list(parents),
+        "metadata": dict(metadata or {}),
+        "job_id": job_id,
+        "base_model": summary["base_model"],
+        "r": summary["r"],
+        "alpha": summary["alpha"],
+        "target_modules": summary["target_modules"],
+        "module_count": summary["module_count"],
+        "dtype": summary["dtype"],
+        "size_bytes": summary["size_bytes"],
+        "sha256": summary["sha256"],
+    }
+
+
+def adapter_view(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The public view of a stored adapter (the API's AdapterPublic)."""
+    record = manifest.get("record", {})
+    return {
+        "id": manifest["id"],
+        "created_at": manifest.get("created_at"),
+        "archive_size_bytes": manifest["archive"]["size"],
+        **{key: record.get(key) for key in (
+            "name", "source", "parents", "metadata", "job_id", "base_model", "r", "alpha",
+            "target_modules", "module_count", "dtype", "size_bytes", "sha256")},
+    }
+
+
+def adapter_files(directory: Path) -> dict[str, Path]:
+    """The files of an adapter directory that are stored (PEFT files, lorafold.json)."""
+    return {name: directory / name for name in PUBLISHED_FILES if (directory / name).is_file()}
+
+
+def write_archive(files: Mapping[str, Path], dest: Path) -> Path:
+    """An uncompressed tar holding `files` at its root, under their names."""
+    with tarfile.TarFile(dest, "w", format=tarfile.PAX_FORMAT,
+                         copybufsize=ARCHIVE_COPY_BUFFER) as tar:
+        for name, path in files.items():
+            tar.add(str(path), arcname=name, recursive=False)
+    return dest
+
+
+def publish_adapter(*, store: AdapterStore, tenant: str, adapter_id: str, directory: Path,
+                    record: Mapping[str, Any], work_dir: Path,
+                    archive: Path | None = None) -> dict[str, Any]:
+    """Store the adapter in `directory` (its PEFT files, and lorafold.json if any), with
+    `archive` as its download when the caller already built it from the same files."""
+    files = adapter_files(directory)
+    if archive is None:
+        archive = write_archive(files, work_dir / ARCHIVE_NAME)
+    manifest = store.publish(tenant=tenant, adapter_id=adapter_id, files=files,
+                             archive=archive, record=record, archive_format="tar")
+    return adapter_view(manifest)
+
+
+def list_adapters(*, store: AdapterStore, tenant: str) -> list[dict[str, Any]]:
+    return [adapter_view(m) for m in store.list_manifests(tenant)]
+
+
+def get_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> dict[str, Any]:
+    return adapter_view(store.get_manifest(tenant, adapter_id))
+
+
+def delete_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> None:
+    store.delete(tenant, adapter_id)
+
+
+@dataclass(frozen=True)
+class Download:
+    """Either a presigned URL to redirect to, or a byte stream to send."""
+
+    filename: str
+    size: int
+    url: str | None = None
+    stream: Iterator[bytes] | None = None
+
+
+def open_download(*, store: AdapterStore, tenant: str, adapter_id: str, expires_s: int,
+                  signer: Storage | None = None) -> Download:
+    """How to send the adapter's archive: a presigned URL (from `signer`, the storage as
+    clients reach it, by default the store's own) when the storage has them, else a stream."""
+    manifest = store.get_manifest(tenant, adapter_id)
+    archive = manifest["archive"]
+    filename = f"{adapter_id}.{archive['format']}"
+    size = int(archive["size"])
+    url = (signer or store.storage).presigned_url(layout.blob_key(archive["sha256"]),
+                                                  expires_s, filename=filename)
+    if url is not None:
+        return Download(filename=filename, size=size, url=url)
+    return Download(filename=filename, size=size,
+                    stream=store.open_archive(tenant, adapter_id))

@@ -1,0 +1,85 @@
+"""Submitting a merge: everything checkable without tensors is checked before a job exists.
+
+`create_merge` validates the parameters with the core's `check_request`, resolves the
+input ids within the tenant (another tenant's id is simply not found), refuses inputs of
+different base models unless forced, then creates the job record and enqueues it. A
+request that would fail for these reasons answers 4xx at once instead of a failed job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from lorafold.errors import IncompatibleAdapters, StorageError
+from lorafold.jobs import JobRecord, JobType, body_hash
+from lorafold.merge import MergeRequest, check_request
+from lorafold.service.adapters import check_name
+from lorafold.service.context import ServiceContext
+from lorafold.service.idempotency import idempotent
+from lorafold.service.queues import enqueue
+
+logger = logging.getLogger(__name__)
+
+
+def merge_params(adapter_ids: Sequence[str], request: MergeRequest, name: str,
+                 manifests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the job record keeps: enough for the job to run and for a user to read."""
+    weights = request.weights or (1.0,) * len(adapter_ids)
+    return {
+        "name": name,
+        "inputs": [{"id": adapter_id, "weight": float(weight), "sha256": m["record"]["sha256"]}
+                   for adapter_id, weight, m in zip(adapter_ids, weights, manifests,
+                                                    strict=True)],
+        "request": {**asdict(request), "weights": list(weights)},
+    }
+
+
+def request_from_params(params: dict[str, Any]) -> MergeRequest:
+    """Inverse of `merge_params` for the job body."""
+    fields = dict(params["request"])
+    fields["weights"] = tuple(fields["weights"])
+    return MergeRequest(**fields)
+
+
+def _check_base_models(manifests: Sequence[dict[str, Any]], force: bool) -> None:
+    names = {m["record"].get("base_model") for m in manifests} - {None, ""}
+    if len(names) > 1 and not force:
+        raise IncompatibleAdapters(
+            f"inputs were trained on different base models ({', '.join(sorted(names))}); "
+            "pass force to merge them anyway", code="base_model_mismatch")
+
+
+def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str],
+                 request: MergeRequest, name: str | None = None,
+                 idempotency_key: str | None = None) -> JobRecord:
+    """A queued merge job, or the job a previous identical request created."""
+    name = check_name(name or f"merge of {len(adapter_ids)} adapters")
+    fingerprint = body_hash({"adapters": list(adapter_ids), "request": asdict(request),
+                             "name": name})
+    with idempotent(ctx.idempotency, tenant=tenant, scope="merges", key=idempotency_key,
+                    fingerprint=fingerprint) as claim:
+        if claim.replay is not None:
+            return ctx.jobs.get(claim.replay["job_id"], tenant=tenant)
+        check_request(request, len(adapter_ids))
+        store = ctx.adapters
+        manifests = [store.get_manifest(tenant, adapter_id) for adapter_id in adapter_ids]
+        _check_base_models(manifests, request.force)
+        record = ctx.jobs.create(tenant=tenant, type=JobType.MERGE,
+                                 params=merge_params(adapter_ids, request, name, manifests))
+        try:
+            enqueue(redis=ctx.redis, settings=ctx.settings, job_type=JobType.MERGE,
+                    job_id=record.id)
+        except RedisError as e:
+            error = StorageError(f"the job could not be queued: {e}", code="enqueue_failed")
+            ctx.jobs.mark_failed(record.id, error.to_dict())
+            raise error from e
+        logger.info("job %s: merge of %d adapters queued for tenant %s", record.id,
+                    len(adapter_ids), tenant)
+        claim.value = {"job_id": record.id}
+        return record
+

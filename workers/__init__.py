@@ -1,0 +1,1 @@
+"""RQ side: job entry points (`tasks`), one worker process (`worker`), the launcher."""
