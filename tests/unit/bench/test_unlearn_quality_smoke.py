@@ -1,0 +1,121 @@
+"""Smoke run of bench/unlearn_quality.py on its --quick world: the harness is sane.
+
+20 entities (forget 2, holdout 2), 2 seeds, every method capped at 5 steps: too small to
+say anything about the methods, enough to check that every row is produced and that the
+reference rows sit where they must (gold seeds agree, the original remembers, the base
+model alone knows neither the forget nor the retain facts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from lorafold.unlearn import METHODS, resolve_hyperparams
+
+BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH_DIR))   # as when run as a script: unlearn_world beside it
+        spec = importlib.util.spec_from_file_location("bench_unlearn_quality",
+                                                      BENCH_DIR / "unlearn_quality.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module       # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def result(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return bench.run_benchmark(bench.QUICK, "smoke", workdir=tmp_path_factory.mktemp("uq"))
+
+
+def rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["row"]: row for row in result["rows"]}
+
+
+def test_every_row_is_reported(result: dict[str, Any]) -> None:
+    json.dumps(result)                         # JSON-ready as written by main()
+    names = [row["row"] for row in result["rows"]]
+    assert names == ["original", "adapter dropped", "gold", "gradient_ascent", "grad_diff",
+                     "npo", "feature_alignment", "feature_alignment, stacked*"]
+    sizes = result["sizes"]
+    assert (sizes["forget_examples"], sizes["retain_examples"], sizes["holdout_examples"]) \
+        == (8, 64, 8)
+    for row in result["rows"]:
+        if row["ks_p"] is not None:
+            assert all(0.0 <= p <= 1.0 for p in row["ks_p"]["values"])
+    assert len(rows(result)["grad_diff"]["ks_p"]["values"]) == 4      # 2 runs × 2 gold seeds
+    assert result["gold_vs_gold_ks_p"]["seed_pairs"] == [[0, 1]]
+
+
+def test_method_runs_follow_the_rule(result: dict[str, Any]) -> None:
+    for run in result["runs"]:
+        if run["row"] in METHODS:
+            extra = run["extra"]
+            assert 1 <= extra["steps"] <= 5
+            # our scoring of the written adapter equals the library's own "after" report
+            assert extra["library_metric_drift"] < 1e-4
+            assert extra["hyperparams"]["seed"] == run["seed"]
+
+
+def test_reference_rows_sit_where_they_must(result: dict[str, Any]) -> None:
+    by = rows(result)
+    original, base, gold = by["original"], by["adapter dropped"], by["gold"]
+    gold_acc = [r["metrics"]["forget_accuracy"] for r in result["runs"] if r["row"] == "gold"]
+    # gold seeds agree with each other: a narrow band
+    assert max(gold_acc) - min(gold_acc) <= 0.25
+    assert gold["forget_accuracy"]["mean"] <= 0.3 and gold["retain_accuracy"]["mean"] >= 0.85
+    # the original remembers what the gold never saw
+    assert original["forget_accuracy"]["mean"] >= gold["forget_accuracy"]["mean"] + 0.6
+    assert original["forget_nll"]["mean"] < gold["forget_nll"]["mean"] - 2.0
+    assert original["ks_p"]["mean"] < 0.05 < result["gold_vs_gold_ks_p"]["mean"]
+    assert original["mia_gap"]["mean"] > 0.3 > gold["mia_gap"]["mean"]
+    # the base model alone knows neither the forget nor the retain facts
+    assert base["forget_accuracy"]["mean"] <= 0.3 and base["retain_accuracy"]["mean"] <= 0.3
+
+
+def test_render_has_the_table(bench: ModuleType, result: dict[str, Any]) -> None:
+    text = bench.render(result)
+    assert "| row | forget NLL | forget acc | retain acc |" in text
+    assert "(gold vs gold)" in text and "Hyperparameters:" in text and "Command: `smoke`" in text
+    assert text.count("\n| ") == len(result["rows"])    # the header opens the text
+
+
+def test_hyperparameters_are_library_defaults(bench: ModuleType) -> None:
+    for method in METHODS:
+        chosen = bench.hyperparams_for(method, 7, bench.FULL)
+        assert chosen == dataclasses.replace(resolve_hyperparams(method), seed=7)
+    assert bench.hyperparams_for("npo", 0, bench.QUICK).max_steps == 5
+
+
+def test_summary_helpers_by_hand(bench: ModuleType) -> None:
+    assert bench.mean_sd([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0, "n": 3}
+    assert bench.mean_sd([4.0]) == {"mean": 4.0, "sd": 0.0, "n": 1}
+    assert bench.ks_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert bench.ks_p([0.0] * 8, [1.0] * 8) < 0.001
+
+
+def test_command_line(bench: ModuleType) -> None:
+    full = bench.config_from(bench.parse_args([]))
+    assert (full.world.entities, full.seeds, full.max_steps) == (100, (0, 1, 2), None)
+    assert (full.world.n_forget, full.world.n_holdout) == (10, 10)
+    cfg = bench.config_from(bench.parse_args(["--quick", "--seeds", "3", "--methods", "npo"]))
+    assert (cfg.seeds, cfg.methods, cfg.max_steps) == ((0, 1, 2), ("npo",), 5)
+    for bad in (["--seeds", "1"], ["--entities", "200"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            bench.config_from(bench.parse_args(bad))
