@@ -2,6 +2,7 @@
 
     blobs/sha256/<hex>                          content-addressed bytes, shared by adapters
     tenants/<tenant>/adapters/<adapter_id>.json one manifest per adapter, written last
+    tenants/<tenant>/datasets/<dataset_id>.json one manifest per data set, written last
     tmp/<uuid>                                  uploads in flight, before their hash is known
 """
 
@@ -39,16 +40,22 @@ def blob_key(sha256: str) -> str:
     return BLOB_PREFIX + sha256
 
 
-def manifest_prefix(tenant: str) -> str:
-    return f"tenants/{check_name(tenant, 'tenant')}/adapters/"
+KINDS = ("adapters", "datasets")
 
 
-def manifest_key(tenant: str, adapter_id: str) -> str:
-    return manifest_prefix(tenant) + check_name(adapter_id, "adapter id") + MANIFEST_SUFFIX
+def manifest_prefix(tenant: str, kind: str = "adapters") -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown manifest kind {kind!r}")
+    return f"tenants/{check_name(tenant, 'tenant')}/{kind}/"
+
+
+def manifest_key(tenant: str, item_id: str, kind: str = "adapters") -> str:
+    what = "adapter id" if kind == "adapters" else "dataset id"
+    return manifest_prefix(tenant, kind) + check_name(item_id, what) + MANIFEST_SUFFIX
 
 
 def adapter_id_of(key: str) -> str:
-    """The adapter id a manifest key names (inverse of `manifest_key`)."""
+    """The id a manifest key names (inverse of `manifest_key`)."""
     return key.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX)
 
 
