@@ -1,4 +1,5 @@
-"""Streaming multipart/form-data: parts go to an `UploadSpool` as the bytes arrive.
+"""Streaming request bodies: multipart parts go to an `UploadSpool`, a raw body (a data
+set) to one spooled file, as the bytes arrive.
 
 The body is read with `request.stream()` and fed to python-multipart's streaming parser,
 so memory stays at one network chunk whatever the upload's size. Every byte is counted
@@ -150,4 +151,27 @@ async def receive_upload(request: Request, *, spool: UploadSpool, budget: ByteBu
     except FormParserError as e:
         await _drain(stream, drain_limit)
         raise InvalidRequest(f"malformed multipart body: {e}", code="invalid_upload") from e
+    return budget.used
+
+
+async def receive_file(request: Request, *, sink: SpooledFile, budget: ByteBudget,
+                       drain_limit: int) -> int:
+    """Stream a raw (non-multipart) body into `sink`; returns the number of bytes read."""
+    declared = _declared_length(request)
+    if declared is not None and declared - budget.limit > drain_limit:
+        raise PayloadTooLarge(f"the body ({declared} bytes) exceeds the limit of "
+                              f"{budget.limit} bytes", limit=budget.limit)
+    stream = request.stream()
+    try:
+        async for chunk in stream:
+            budget.add(len(chunk))
+            sink.write(chunk)
+    except ClientDisconnect as e:
+        raise InvalidRequest("the client closed the connection during the upload",
+                             code="upload_incomplete") from e
+    except PayloadTooLarge:
+        await _drain(stream, drain_limit)
+        raise
+    finally:
+        sink.close()
     return budget.used

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafold.jobs import JobStatus, JobType
 from lorafold.merge import METHODS, RULES, MergeRequest
+from lorafold.service.unlearning import UnlearnSpec
 
 ADAPTER_EXAMPLE: dict[str, Any] = {
     "id": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "name": "support-tickets-v3",
@@ -113,6 +114,75 @@ class MergeCreate(BaseModel):
                             balance=self.balance, force=self.force, dtype=self.dtype)
 
 
+class DatasetPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "ds_3b9f0c1d2e4a4b5c8d7e6f5a4b3c2d1e", "name": "tenant-42-forget",
+        "examples": 120, "prompt_completion_examples": 120, "text_examples": 0,
+        "size_bytes": 18_230, "sha256": "5d1e…", "fingerprint": "a07c…",
+        "created_at": "2026-11-22T09:20:11.004211+00:00"}]})
+
+    id: str
+    name: str
+    examples: int
+    prompt_completion_examples: int
+    text_examples: int
+    size_bytes: int
+    sha256: str = Field(description="sha256 of the uploaded file")
+    fingerprint: str = Field(description="sha256 of the parsed records (kept in lineage)")
+    created_at: str
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class UnlearningCreate(BaseModel):
+    """An unlearning request. Which fields apply depends on `method`; a field that does not
+    apply is refused (422 unexpected_parameter)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"method": "remove", "adapter": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b",
+         "remove": ["ad_1d2e3f4a5b6c4d7e8f9a0b1c2d3e4f5a"], "name": "without tenant 42"},
+        {"method": "negate", "adapter": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b",
+         "forget_adapter": "ad_1d2e3f4a5b6c4d7e8f9a0b1c2d3e4f5a", "strength": 1.0},
+        {"method": "npo", "adapter": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b",
+         "forget_dataset": "ds_3b9f0c1d2e4a4b5c8d7e6f5a4b3c2d1e",
+         "holdout_dataset": "ds_9a8b7c6d5e4f4a3b2c1d0e9f8a7b6c5d",
+         "hyperparams": {"max_steps": 50}}]})
+
+    method: str = Field(description="remove, negate, gradient_ascent, grad_diff, npo or "
+                                    "feature_alignment")
+    adapter: str = Field(min_length=1, max_length=128, description="the adapter to change")
+    remove: list[str] = Field(default_factory=list, max_length=64,
+                              description="remove: constituent adapter ids to drop")
+    forget_adapter: str | None = Field(default=None, max_length=128,
+                                       description="negate: the adapter to subtract")
+    strength: float = Field(default=1.0, description="negate: λ in adapter − λ·forget")
+    rank: int | None = Field(default=None, description="negate: output rank (default: the "
+                                                       "adapter's r)")
+    base_model: str | None = Field(default=None, max_length=256,
+                                   description="data methods: default the adapter's base model")
+    forget_dataset: str | None = Field(default=None, max_length=128)
+    retain_dataset: str | None = Field(default=None, max_length=128)
+    holdout_dataset: str | None = Field(
+        default=None, max_length=128,
+        description="never-seen examples: enables the gold-free stopping rule and the "
+                    "membership-inference AUC")
+    hyperparams: dict[str, Any] | None = Field(default=None,
+                                               description="overrides of the method's "
+                                                           "defaults (lr, max_steps, ...)")
+    name: str | None = Field(default=None, max_length=200)
+
+    def to_spec(self) -> UnlearnSpec:
+        return UnlearnSpec(method=self.method, adapter=self.adapter, remove=tuple(self.remove),
+                           forget_adapter=self.forget_adapter, strength=self.strength,
+                           rank=self.rank, base_model=self.base_model,
+                           forget_dataset=self.forget_dataset,
+                           retain_dataset=self.retain_dataset,
+                           holdout_dataset=self.holdout_dataset, hyperparams=self.hyperparams)
+
+
 class ProgressPublic(BaseModel):
     stage: str
     fraction: float
@@ -135,7 +205,8 @@ class JobPublic(BaseModel):
     finished_at: str | None
     progress: ProgressPublic
     result: dict[str, Any] | None = Field(
-        default=None, description="on success: {adapter_id, report}")
+        default=None, description="on success: {adapter_id, ...}: a merge's report, an "
+                                  "unlearning job's metrics")
     error: JobErrorPublic | None
     attempts: int
     cancel_requested: bool

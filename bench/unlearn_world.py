@@ -7,7 +7,7 @@ tiny Llama base model is first pretrained on facts about *other* entities, so it
 the templates and every answer word but none of the benchmark's facts; LoRA adapters then
 learn the benchmark's facts.
 
-Same ideas as tests/unit/unlearn/unlearn_helpers.py (word-level tokenizer with BOS, tiny
+Same ideas as tests/unlearn_world.py (word-level tokenizer with BOS, tiny
 Llama config, completion-only AdamW fit, adapter saved under a hub-style base-model name),
 sized and parameterised for a benchmark: a larger generated world, mini-batch training with
 a seed, and adapters trained on any subset of the facts.

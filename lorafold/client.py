@@ -7,6 +7,10 @@
         job = client.wait(job["id"], on_progress=print)
         client.download(job["result"]["adapter_id"], Path("merged"), extract=True)
 
+        forget = client.upload_dataset(Path("tenant-42.jsonl"))
+        job = client.unlearn("npo", a["id"], forget_dataset=forget["id"])
+        job = client.unlearn("remove", merged_id, remove=[b["id"]])
+
 Every error answer (problem+json) raises `ApiError` with the server's stable `code`.
 """
 
@@ -145,7 +149,34 @@ class LorafoldClient:
         archive.unlink()
         return dest
 
-    # -- merges and jobs ----------------------------------------------------------------
+    # -- data sets ----------------------------------------------------------------------
+
+    def upload_dataset(self, path: Path, *, name: str | None = None,
+                       idempotency_key: str | None = None) -> dict[str, Any]:
+        """Upload a JSONL data set ({"text"} or {"prompt", "completion"} per line); streamed."""
+        path = Path(path)
+        if not path.is_file():
+            raise LorafoldError(f"{path}: no such file", code="path_not_found")
+        with path.open("rb") as handle:
+            response = self._request(
+                "POST", "/v1/datasets", params={"name": name or path.stem}, content=handle,
+                headers={"Content-Type": "application/jsonl",
+                         **self._idempotency(idempotency_key)})
+        result: dict[str, Any] = response.json()
+        return result
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", "/v1/datasets").json()["data"]
+        return data
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/v1/datasets/{dataset_id}").json()
+        return result
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    # -- merges, unlearning and jobs ------------------------------------------------------
 
     def merge(self, adapter_ids: Sequence[str], *, weights: Sequence[float] | None = None,
               method: str = "ctm", rule: str = "ta", rank: int | None = None,
@@ -161,6 +192,18 @@ class LorafoldClient:
             "dtype": dtype, "name": name}
         result: dict[str, Any] = self._request(
             "POST", "/v1/merges", json=body, headers=self._idempotency(idempotency_key)).json()
+        return result
+
+    def unlearn(self, method: str, adapter_id: str, *, name: str | None = None,
+                idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Submit unlearning; `fields` as in POST /v1/unlearning (remove, forget_adapter,
+        strength, rank, base_model, forget_dataset, retain_dataset, holdout_dataset,
+        hyperparams). Unset (None) fields are not sent."""
+        body = {"method": method, "adapter": adapter_id, "name": name,
+                **{key: value for key, value in fields.items() if value is not None}}
+        result: dict[str, Any] = self._request(
+            "POST", "/v1/unlearning", json=body,
+            headers=self._idempotency(idempotency_key)).json()
         return result
 
     def get_job(self, job_id: str) -> dict[str, Any]:

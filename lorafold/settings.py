@@ -96,6 +96,21 @@ class Settings(BaseSettings):
     spool_dir: Path | None = Field(default=None,
                                    description="temporary files of uploads and jobs")
 
+    # -- unlearning: data sets and base models -------------------------------------------
+    max_dataset_bytes: int = Field(default=64 * MIB, ge=1024,
+                                   description="largest JSONL data set accepted")
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="directories holding base models as <dir>/<org>/<name> (JSON list)")
+    use_hf_cache: bool = Field(default=True,
+                               description="also look for base models in the local "
+                                           "Hugging Face cache")
+    hf_cache_dir: Path | None = Field(default=None,
+                                      description="Hugging Face hub cache (default: HF's)")
+    allow_model_download: bool = Field(default=False,
+                                       description="download a base model found nowhere "
+                                                   "locally (off: jobs never fetch models)")
+
     # -- jobs ---------------------------------------------------------------------------
     queue_prefix: str = Field(default="lorafold", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     merge_timeout_s: int = Field(default=3600, ge=10)

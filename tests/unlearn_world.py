@@ -154,3 +154,36 @@ def build_world(root: Path, *, rank: int = 8) -> FactWorld:
 
 def jsonl(records: list[dict[str, Any]]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def save_base_model(models_root: Path) -> Path:
+    """An untrained tiny base (with its tokenizer) at `<models_root>/<BASE_NAME>`, the layout
+    the service's `model_dirs` setting expects. For plumbing tests that need no facts."""
+    tokenizer = build_tokenizer()
+    base_dir = models_root / BASE_NAME
+    tiny_llama(len(tokenizer.get_vocab())).save_pretrained(str(base_dir))
+    tokenizer.save_pretrained(str(base_dir))
+    return base_dir
+
+
+def noise_adapter(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0) -> Path:
+    """A PEFT LoRA for the base at `base_dir` with seeded noise in every factor (PEFT starts
+    lora_B at zero, which would make unlearning a no-op), naming the base by BASE_NAME."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(str(out_dir))
+    (out_dir / "README.md").unlink(missing_ok=True)
+    config_path = out_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = BASE_NAME
+    config_path.write_text(json.dumps(config))
+    return out_dir

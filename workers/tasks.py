@@ -10,7 +10,7 @@ silent — and record what happened; RQ then re-queues the job while retries are
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -19,12 +19,16 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from lorafold.errors import Conflict, JobNotFound
+from lorafold.jobs import JobRecord, JobType
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import job_context, job_logger
 from lorafold.service.merge_job import run_merge_job
+from lorafold.service.unlearn_job import run_unlearn_job
 from lorafold.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+JobRunner = Callable[..., JobRecord | None]
 
 _state: dict[str, Any] = {"context": None, "runner": None}
 
@@ -72,28 +76,32 @@ def fail_job(ctx: ServiceContext, job_id: str, error: Mapping[str, Any]) -> None
 
 
 def run_merge(job_id: str) -> None:
+    _run(job_id, JobType.MERGE, run_merge_job)
+
+
+def run_unlearn(job_id: str) -> None:
+    _run(job_id, JobType.UNLEARN, run_unlearn_job)
+
+
+def _run(job_id: str, job_type: JobType, body: JobRunner) -> None:
+    """Run `body` for the job, making sure a timeout or a crash still ends its record."""
     with job_context(job_id):
-        _run_merge(job_id)
-
-
-def _run_merge(job_id: str) -> None:
-    ctx = context()
-    log = job_logger(logger, job_id)
-    _apply_threads(ctx.settings)
-    try:
-        run_merge_job(ctx=ctx, job_id=job_id, device=_device(ctx.settings),
-                      runner=_state["runner"])
-    except JobTimeoutException as e:
-        log.error("timed out: %s", e)
-        fail_job(ctx, job_id, {"code": "job_timeout", "retryable": True,
-                               "message": f"the job ran past its timeout of "
-                                          f"{ctx.settings.merge_timeout_s}s"})
-    except Exception as e:  # a bug or a broken environment: record it, never leave it running
-        log.exception("crashed")
-        fail_job(ctx, job_id, {"code": "internal_error", "retryable": False,
-                               "message": f"{type(e).__name__}: {e}"})
-    finally:
-        _free_memory()
+        ctx = context()
+        log = job_logger(logger, job_id)
+        _apply_threads(ctx.settings)
+        try:
+            body(ctx=ctx, job_id=job_id, device=_device(ctx.settings), runner=_state["runner"])
+        except JobTimeoutException as e:
+            log.error("timed out: %s", e)
+            fail_job(ctx, job_id, {"code": "job_timeout", "retryable": True,
+                                   "message": f"the job ran past its timeout of "
+                                              f"{ctx.settings.job_timeout_s(job_type.value)}s"})
+        except Exception as e:  # a bug or a broken environment: record it, never leave it
+            log.exception("crashed")
+            fail_job(ctx, job_id, {"code": "internal_error", "retryable": False,
+                                   "message": f"{type(e).__name__}: {e}"})
+        finally:
+            _free_memory()
 
 
 def _job_lost(job: Job, reason: str) -> None:

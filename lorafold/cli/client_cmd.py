@@ -1,8 +1,9 @@
 """`lorafold client ...`: talk to a running lorafold service.
 
 The URL and API key come from --url/--api-key, else LORAFOLD_URL/LORAFOLD_API_KEY (read
-by `ClientSettings`). Results are printed as JSON on stdout; `wait` draws a progress bar
-on stderr and exits non-zero unless the job succeeded.
+by `ClientSettings`), else the key of a `lorafold up` started in this directory. Results
+are printed as JSON on stdout (`-q`: only the id, for scripts); `wait` draws a progress
+bar on stderr and exits non-zero unless the job succeeded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lorafold.cli.merge_cmd import parse_weights
+from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
 from lorafold.settings import ClientSettings
@@ -27,7 +29,8 @@ def _print(value: Any) -> None:
 
 def _client(args: argparse.Namespace) -> LorafoldClient:
     settings = ClientSettings()
-    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key else None) \
+        or local_api_key()
     if not key:
         raise InvalidRequest("no API key: pass --api-key or set LORAFOLD_API_KEY "
                              "(`lorafold up` prints one)", code="missing_api_key")
@@ -57,16 +60,57 @@ def wait_with_bar(client: LorafoldClient, job_id: str, timeout: float) -> dict[s
         return client.wait(job_id, timeout=timeout, on_progress=on_progress)
 
 
-def _finished(job: dict[str, Any]) -> int:
-    _print(job)
+def _finished(job: dict[str, Any], quiet: bool = False) -> int:
+    """Print the finished job (-q: the id of the adapter it made) and the exit status."""
+    if quiet and job["status"] == "succeeded":
+        print(job["result"]["adapter_id"])
+    else:
+        _print(job)
     return 0 if job["status"] == "succeeded" else 1
+
+
+def _show(item: dict[str, Any], quiet: bool) -> None:
+    if quiet:
+        print(item["id"])
+    else:
+        _print(item)
+
+
+def _dataset_ref(client: LorafoldClient, value: str | None, role: str) -> str | None:
+    """A data set id as given, or the id of the JSONL file at that path, uploaded now."""
+    if value is None or not Path(value).is_file():
+        return value
+    return str(client.upload_dataset(Path(value), name=f"{Path(value).stem} ({role})")["id"])
+
+
+def _hyperparams(pairs: list[str]) -> dict[str, Any] | None:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--hp {pair!r}: expected KEY=VALUE",
+                                 code="invalid_hyperparameters")
+        try:
+            values[key] = json.loads(raw)
+        except ValueError:
+            values[key] = raw
+    return values or None
+
+
+def _unlearn_fields(client: LorafoldClient, args: argparse.Namespace) -> dict[str, Any]:
+    return {"remove": args.remove or None, "forget_adapter": args.forget_adapter,
+            "strength": args.strength, "rank": args.rank, "base_model": args.base_model,
+            **{f"{role}_dataset": _dataset_ref(client, getattr(args, role), role)
+               for role in ("forget", "retain", "holdout")},
+            "hyperparams": _hyperparams(args.hp)}
 
 
 def run(args: argparse.Namespace) -> int:
     with _client(args) as client:
         action = args.action
         if action == "upload":
-            _print(client.upload(args.path, name=args.name, metadata=_metadata(args.metadata)))
+            _show(client.upload(args.path, name=args.name, metadata=_metadata(args.metadata)),
+                  args.quiet)
         elif action == "list":
             _print(client.list_adapters())
         elif action == "get":
@@ -83,8 +127,20 @@ def run(args: argparse.Namespace) -> int:
                                balance=args.balance, force=args.force, dtype=args.dtype,
                                name=args.name)
             if args.wait:
-                return _finished(wait_with_bar(client, job["id"], args.timeout))
-            _print(job)
+                return _finished(wait_with_bar(client, job["id"], args.timeout), args.quiet)
+            _show(job, args.quiet)
+        elif action == "dataset-upload":
+            _show(client.upload_dataset(args.path, name=args.name), args.quiet)
+        elif action == "datasets":
+            _print(client.list_datasets())
+        elif action == "dataset-delete":
+            client.delete_dataset(args.dataset_id)
+        elif action == "unlearn":
+            job = client.unlearn(args.method, args.adapter_id, name=args.name,
+                                 **_unlearn_fields(client, args))
+            if args.wait:
+                return _finished(wait_with_bar(client, job["id"], args.timeout), args.quiet)
+            _show(job, args.quiet)
         elif action == "wait":
             return _finished(wait_with_bar(client, args.job_id, args.timeout))
         elif action == "jobs":
@@ -100,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("client", help="use a running lorafold service",
-                       description="Upload, merge, follow and download through the REST API.")
+                       description="Upload, merge, unlearn, follow and download through the "
+                                   "REST API.")
     p.add_argument("--url", help="service URL (default $LORAFOLD_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key", help="API key (default $LORAFOLD_API_KEY)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -109,6 +166,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("path", type=Path)
     up.add_argument("--name")
     up.add_argument("--metadata", help="a JSON object")
+    up.add_argument("-q", "--quiet", action="store_true",
+                    help="print only the id (of the adapter)")
     actions.add_parser("list", help="list adapters")
     for name, text in (("get", "show one adapter"), ("delete", "delete an adapter")):
         actions.add_parser(name, help=text).add_argument("adapter_id")
@@ -132,6 +191,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
     merge.add_argument("--timeout", type=float, default=3600.0)
+    merge.add_argument("-q", "--quiet", action="store_true",
+                    help="print only the id (of the job; with --wait, of the merged adapter)")
+
+    data = actions.add_parser("dataset-upload", help="upload a JSONL data set")
+    data.add_argument("path", type=Path)
+    data.add_argument("--name")
+    data.add_argument("-q", "--quiet", action="store_true",
+                    help="print only the id (of the data set)")
+    actions.add_parser("datasets", help="list data sets")
+    actions.add_parser("dataset-delete", help="delete a data set").add_argument("dataset_id")
+
+    un = actions.add_parser(
+        "unlearn", help="unlearn (a job): remove, negate or a data-driven method",
+        description="remove: --remove ID (constituents of a merged adapter); negate: "
+                    "--forget-adapter ID [--strength λ] [--rank R]; gradient_ascent, "
+                    "grad_diff, npo, feature_alignment: --forget (a data set id or a JSONL "
+                    "file, uploaded first) [--retain] [--holdout] [--base-model] [--hp K=V].")
+    un.add_argument("method")
+    un.add_argument("adapter_id")
+    un.add_argument("--remove", action="append", metavar="ADAPTER_ID")
+    un.add_argument("--forget-adapter", metavar="ADAPTER_ID")
+    un.add_argument("--strength", type=float)
+    un.add_argument("--rank", type=int)
+    un.add_argument("--base-model")
+    for role in ("forget", "retain", "holdout"):
+        un.add_argument(f"--{role}", metavar="DATASET_ID_OR_JSONL")
+    un.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter override, e.g. --hp max_steps=50 --hp lr=5e-5")
+    un.add_argument("--name")
+    un.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    un.add_argument("--timeout", type=float, default=4 * 3600.0)
+    un.add_argument("-q", "--quiet", action="store_true",
+                    help="print only the id (of the job; with --wait, of the new adapter)")
 
     wait = actions.add_parser("wait", help="wait for a job, with a progress bar")
     wait.add_argument("job_id")

@@ -13,13 +13,18 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from lorafold.adapters import open_adapter
 from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
 from lorafold.adapters.writer import LINEAGE_NAME
 from lorafold.errors import InvalidRequest
 from lorafold.storage import Storage, layout
 from lorafold.storage.adapters import AdapterStore
+
+if TYPE_CHECKING:  # the context imports the stores; only types are needed here
+    from lorafold.jobs import JobRecord
+    from lorafold.service.context import ServiceContext
 
 Source = Literal["upload", "merge", "unlearn"]
 ADAPTER_ID_PREFIX = "ad_"
@@ -106,6 +111,19 @@ def publish_adapter(*, store: AdapterStore, tenant: str, adapter_id: str, direct
     manifest = store.publish(tenant=tenant, adapter_id=adapter_id, files=files,
                              archive=archive, record=record, archive_format="tar")
     return adapter_view(manifest)
+
+
+def publish_job_output(ctx: ServiceContext, record: JobRecord, out_dir: Path, work_dir: Path,
+                       *, source: Source, parents: Sequence[str],
+                       metadata: Mapping[str, Any] | None = None) -> str:
+    """Publish the adapter a job wrote to `out_dir` under the job's output id; the id."""
+    output_id = adapter_id_for_job(record.id)
+    with open_adapter(out_dir, label=output_id) as output:
+        stored = adapter_record(output.summary(), name=record.params["name"], source=source,
+                                parents=parents, metadata=metadata, job_id=record.id)
+    publish_adapter(store=ctx.adapters, tenant=record.tenant, adapter_id=output_id,
+                    directory=out_dir, record=stored, work_dir=work_dir)
+    return output_id
 
 
 def list_adapters(*, store: AdapterStore, tenant: str) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from lorafold.service.validation import InProcessValidator, Validator
 from lorafold.settings import Settings
 from lorafold.storage import Storage, resolve_storage
 from lorafold.storage.adapters import AdapterStore
+from lorafold.storage.datasets import DatasetStore
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
@@ -34,7 +35,8 @@ def connect_redis(settings: Settings) -> Redis:
 
 
 class ServiceContext:
-    """Settings plus Redis, the job and idempotency stores, storage and the adapter store."""
+    """Settings plus Redis, the job and idempotency stores, storage and the adapter and data
+    set stores."""
 
     def __init__(self, settings: Settings, *, redis: Redis | None = None,
                  storage: Storage | None = None, validator: Validator | None = None) -> None:
@@ -67,6 +69,10 @@ class ServiceContext:
     @property
     def adapters(self) -> AdapterStore:
         return AdapterStore(self.storage)
+
+    @property
+    def datasets(self) -> DatasetStore:
+        return DatasetStore(self.storage)
 
     @cached_property
     def presign_storage(self) -> Storage:

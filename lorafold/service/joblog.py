@@ -74,6 +74,12 @@ class ProgressReporter:
 
     def __call__(self, stage: str, fraction: float) -> None:
         start, end = self._stages.get(stage, (self._last, self._last))
+        self.nested(stage, fraction, within=(start, end))
+
+    def nested(self, stage: str, fraction: float, *, within: tuple[float, float]) -> None:
+        """Progress of a callee that reports its own overall fraction (e.g. `unlearn`),
+        mapped onto the part `within` of the job; `stage` is shown as it is."""
+        start, end = within
         overall = start + (end - start) * min(max(fraction, 0.0), 1.0)
         self._last = max(self._last, overall)
         self._jobs.set_progress(self._job_id, stage, self._last)

@@ -1,11 +1,34 @@
-"""Reading and cancelling jobs, always within one tenant."""
+"""Submitting, reading and cancelling jobs, always within one tenant."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from lorafold.errors import StorageError
 from lorafold.jobs import JobPage, JobRecord, JobStatus, JobType
 from lorafold.service.context import ServiceContext
+from lorafold.service.queues import enqueue
+
+logger = logging.getLogger(__name__)
+
+
+def submit_job(*, ctx: ServiceContext, tenant: str, job_type: JobType,
+               params: Mapping[str, Any]) -> JobRecord:
+    """Create the job's record, then queue it; a job that cannot be queued is marked
+    failed (retryable) rather than left queued forever."""
+    record = ctx.jobs.create(tenant=tenant, type=job_type, params=params)
+    try:
+        enqueue(redis=ctx.redis, settings=ctx.settings, job_type=job_type, job_id=record.id)
+    except RedisError as e:
+        error = StorageError(f"the job could not be queued: {e}", code="enqueue_failed")
+        ctx.jobs.mark_failed(record.id, error.to_dict())
+        raise error from e
+    logger.info("job %s: %s queued for tenant %s", record.id, job_type.value, tenant)
+    return record
 
 
 def list_jobs(*, ctx: ServiceContext, tenant: str, status: JobStatus | None = None,

@@ -8,22 +8,17 @@ request that would fail for these reasons answers 4xx at once instead of a faile
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from lorafold.errors import IncompatibleAdapters, StorageError
+from lorafold.errors import IncompatibleAdapters
 from lorafold.jobs import JobRecord, JobType, body_hash
 from lorafold.merge import MergeRequest, check_request
 from lorafold.service.adapters import check_name
 from lorafold.service.context import ServiceContext
 from lorafold.service.idempotency import idempotent
-from lorafold.service.queues import enqueue
-
-logger = logging.getLogger(__name__)
+from lorafold.service.jobs import submit_job
 
 
 def merge_params(adapter_ids: Sequence[str], request: MergeRequest, name: str,
@@ -69,17 +64,8 @@ def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str]
         store = ctx.adapters
         manifests = [store.get_manifest(tenant, adapter_id) for adapter_id in adapter_ids]
         _check_base_models(manifests, request.force)
-        record = ctx.jobs.create(tenant=tenant, type=JobType.MERGE,
-                                 params=merge_params(adapter_ids, request, name, manifests))
-        try:
-            enqueue(redis=ctx.redis, settings=ctx.settings, job_type=JobType.MERGE,
-                    job_id=record.id)
-        except RedisError as e:
-            error = StorageError(f"the job could not be queued: {e}", code="enqueue_failed")
-            ctx.jobs.mark_failed(record.id, error.to_dict())
-            raise error from e
-        logger.info("job %s: merge of %d adapters queued for tenant %s", record.id,
-                    len(adapter_ids), tenant)
+        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.MERGE,
+                            params=merge_params(adapter_ids, request, name, manifests))
         claim.value = {"job_id": record.id}
         return record
 

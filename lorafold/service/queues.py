@@ -22,6 +22,7 @@ from lorafold.settings import Settings
 # The RQ entry point of each job type (import paths, resolved in the worker).
 TASKS: Mapping[JobType, str] = {
     JobType.MERGE: "workers.tasks.run_merge",
+    JobType.UNLEARN: "workers.tasks.run_unlearn",
 }
 FAILURE_CALLBACK = "workers.tasks.on_job_failure"
 RESULT_TTL_S = 3600           # RQ's own copy; our job records are the source of truth

@@ -28,14 +28,19 @@ from lorafold.merge.plan import MergeRequest
 ResolveInput = Callable[[Mapping[str, Any]], AdapterInput]
 
 
-def merge_lineage_of(adapter_dir: Path) -> dict[str, Any]:
-    """The lineage of a lorafold merge, or InvalidRequest(no_lineage)."""
-    lineage = read_lineage(adapter_dir)
-    if lineage is None or lineage.get("kind") != "merge" or not lineage.get("inputs"):
+def check_merge_lineage(lineage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`lineage` if it records a lorafold merge, else InvalidRequest(no_lineage)."""
+    if not isinstance(lineage, Mapping) or lineage.get("kind") != "merge" \
+            or not lineage.get("inputs"):
         raise InvalidRequest("this adapter has no merge lineage (it was not produced by a "
                              "lorafold merge), so its constituents cannot be removed exactly",
                              code="no_lineage")
-    return lineage
+    return dict(lineage)
+
+
+def merge_lineage_of(adapter_dir: Path) -> dict[str, Any]:
+    """The lineage of a lorafold merge, or InvalidRequest(no_lineage)."""
+    return check_merge_lineage(read_lineage(adapter_dir))
 
 
 def _request_from(parameters: Mapping[str, Any], weights: Sequence[float]) -> MergeRequest:

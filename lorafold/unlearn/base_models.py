@@ -163,3 +163,20 @@ def check_adapter_fits(model: nn.Module, adapter: Path | LoraAdapter) -> None:
                 f"{name}: the adapter expects a {spec.kind} of shape (out={spec.out_features}, "
                 f"in={spec.in_features}) but the base model's {path!r} is a {kind} of shape "
                 f"(out={shape[0]}, in={shape[1]})", code="adapter_base_mismatch", module=name)
+
+
+def check_adapter_fits_model_dir(model_dir: Path, adapter: Path | LoraAdapter) -> None:
+    """`check_adapter_fits` against the model's architecture alone: built from its
+    config.json on the meta device (no weights read), so an API can refuse a mismatch
+    before queuing a job that would load gigabytes to find it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True,
+                                            trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelNotFound(f"base model at {model_dir} cannot be loaded: {e}",
+                            code="base_model_unreadable") from e
+    check_adapter_fits(model, adapter)

@@ -25,6 +25,7 @@ from workers.launcher import WorkerSpec, start_worker, stop_workers
 KEYS = {"tenant-a": "e2e-key-tenant-a-0123456789abcdef",
         "tenant-b": "e2e-key-tenant-b-0123456789abcdef"}
 UPLOAD_LIMIT = 64 * MIB
+DATASET_LIMIT = 64 * 1024
 DRAIN_LIMIT = 256 * MIB
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -153,7 +153,7 @@ def test_killed_worker_job_is_retried(s3_stack: Stack, slow_inputs: list[str],
         adapters = client.get("/v1/adapters").json()["data"]
         assert [a["job_id"] for a in adapters].count(job_id) == 1
         assert client.get(f"/v1/adapters/{output}").json()["parents"] == slow_inputs
-    assert watcher.listings > 10
+    assert watcher.listings >= 3  # it really watched (how often depends on machine load)
     assert all(stage in ("publish", "done") and complete
                for stage, complete in watcher.sightings), watcher.sightings
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.unlearn.unlearn_helpers import FactWorld, build_world
+from tests.unlearn_world import FactWorld, build_world
 
 
 @contextmanager

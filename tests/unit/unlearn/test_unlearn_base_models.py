@@ -11,7 +11,7 @@ import pytest
 
 from lorafold.errors import IncompatibleAdapters, InvalidRequest, ModelNotFound
 from lorafold.unlearn.base_models import check_adapter_fits, resolve_base_model
-from tests.unit.unlearn.unlearn_helpers import build_tokenizer, tiny_llama
+from tests.unlearn_world import build_tokenizer, tiny_llama
 
 
 def fake_model_dir(path: Path) -> Path:

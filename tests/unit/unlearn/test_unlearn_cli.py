@@ -10,7 +10,7 @@ import pytest
 from lorafold.adapters.lineage import read_lineage
 from lorafold.cli import main
 from lorafold.unlearn.datasets import TextDataset
-from tests.unit.unlearn.unlearn_helpers import BASE_NAME, FactWorld
+from tests.unlearn_world import BASE_NAME, FactWorld
 
 
 def write_jsonl(path: Path, data: TextDataset) -> Path:

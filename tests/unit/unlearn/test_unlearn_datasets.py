@@ -19,7 +19,7 @@ from lorafold.unlearn.datasets import (
     make_batches,
     parse_jsonl,
 )
-from tests.unit.unlearn.unlearn_helpers import build_tokenizer, jsonl
+from tests.unlearn_world import build_tokenizer, jsonl
 
 
 def test_parses_both_record_kinds_and_skips_blank_lines() -> None:

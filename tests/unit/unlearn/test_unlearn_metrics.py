@@ -10,7 +10,7 @@ import torch
 
 from lorafold.unlearn.datasets import IGNORE_INDEX, TextDataset
 from lorafold.unlearn.metrics import evaluate, mia_auc, token_stats
-from tests.unit.unlearn.unlearn_helpers import FactWorld
+from tests.unlearn_world import FactWorld
 
 
 def test_token_stats_by_hand() -> None:

@@ -1,6 +1,6 @@
 """The real thing: unlearn fictitious facts from a LoRA trained here, with every method.
 
-Setup (see unlearn_helpers): tiny Llama pretrained on other facts; the original LoRA (rank
+Setup (see tests/unlearn_world.py): tiny Llama pretrained on other facts; the original LoRA (rank
 8) learned 18 countries × 2 facts to 100% token accuracy. forget = 2 countries (10% of
 20), retain = 16, holdout = 2 never trained.
 
@@ -25,7 +25,7 @@ from lorafold.adapters import open_adapter
 from lorafold.adapters.lineage import read_lineage
 from lorafold.errors import JobCancelled
 from lorafold.unlearn import UnlearnResult, evaluate, unlearn
-from tests.unit.unlearn.unlearn_helpers import FactWorld
+from tests.unlearn_world import FactWorld
 
 METHODS = ["gradient_ascent", "grad_diff", "npo", "feature_alignment"]
 # Default hyperparameters everywhere; only feature_alignment's step budget is cut (300 steps,

@@ -1,0 +1,80 @@
+"""One attempt of a job, as run by a worker: the part every job type shares.
+
+`run_attempt` marks the job running (a new attempt), runs its body in a private work
+directory under the spool, and writes the outcome to the job's record: `succeeded` with
+the body's result, `failed` with {code, message, retryable} for a domain error, or
+`cancelled` when the body saw the cancel flag at a checkpoint. Domain errors are not
+re-raised, so the queue never re-runs a job that failed for a reason of its own. An
+attempt that finds its job already over, or superseded by a newer attempt, just stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorafold.errors import Conflict, JobCancelled, LorafoldError
+from lorafold.jobs import JobRecord
+from lorafold.service.context import ServiceContext
+from lorafold.service.joblog import JobLogger, job_logger
+
+logger = logging.getLogger(__name__)
+
+SUPERSEDED = frozenset({"job_finished", "stale_attempt"})
+JobBody = Callable[[JobRecord, Path, JobLogger], dict[str, Any]]
+
+
+def start_attempt(ctx: ServiceContext, job_id: str, log: JobLogger,
+                  runner: str | None = None) -> JobRecord | None:
+    """Mark the job running (a new attempt); None if it is already over (e.g. cancelled)."""
+    try:
+        record = ctx.jobs.mark_running(job_id)
+    except Conflict as e:
+        if e.code not in SUPERSEDED:
+            raise
+        log.info("not started: %s", e.message)
+        return None
+    if runner:
+        ctx.jobs.log(job_id, f"attempt {record.attempts} started on {runner}")
+    log.info("attempt %d started%s", record.attempts, f" on {runner}" if runner else "")
+    return record
+
+
+def settle(mark: Callable[[], JobRecord], log: JobLogger) -> JobRecord | None:
+    """Write the final state; a superseded attempt (the job moved on) just stops."""
+    try:
+        return mark()
+    except Conflict as e:
+        if e.code not in SUPERSEDED:
+            raise
+        log.info("outcome not recorded: %s", e.message)
+        return None
+
+
+def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *,
+                runner: str | None = None) -> JobRecord | None:
+    """Run one attempt of job `job_id`; returns its final record (None if superseded)."""
+    log = job_logger(logger, job_id)
+    record = start_attempt(ctx, job_id, log, runner)
+    if record is None:
+        return None
+    attempt = record.attempts
+    try:
+        ctx.jobs.checkpoint(job_id)
+        with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=ctx.spool_dir) as tmp:
+            result = body(record, Path(tmp), log)
+    except JobCancelled:
+        log.info("cancelled (attempt %d)", attempt)
+        return settle(lambda: ctx.jobs.mark_cancelled(job_id, attempt=attempt), log)
+    except LorafoldError as e:
+        if isinstance(e, Conflict) and e.code in SUPERSEDED:
+            log.info("stopped: %s", e.message)
+            return None
+        log.warning("failed: %s: %s", e.code, e.message)
+        error = e.to_dict()
+        return settle(lambda: ctx.jobs.mark_failed(job_id, error, attempt=attempt), log)
+    log.info("succeeded: adapter %s", result.get("adapter_id"))
+    return settle(lambda: ctx.jobs.mark_succeeded(job_id, result, attempt=attempt), log)
