@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--hidden", type=int, default=512, help="model width of the synthetic shapes")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--out", type=Path, help="keep the merged adapter here")
+    p.add_argument("--save-inputs", type=Path, metavar="DIR",
+                   help="keep the synthetic input adapters in DIR/task0, DIR/task1, ... "
+                        "(PEFT directories, e.g. to upload to a running service)")
     p.set_defaults(handler=run)
 
 
@@ -26,10 +29,11 @@ def run(args: argparse.Namespace) -> int:
                                  intermediate=int(args.hidden * 2.6875))
     with tempfile.TemporaryDirectory(prefix="lorafold-demo-") as tmp:
         root = Path(tmp)
-        inputs = [write_random_adapter(root / f"task{i}", shapes, rank=args.rank, seed=i)
-                  for i in range(args.adapters)]
+        inputs_root = args.save_inputs or root
+        inputs = [write_random_adapter(inputs_root / f"task{i}", shapes, rank=args.rank,
+                                       seed=i) for i in range(args.adapters)]
         print(f"{args.adapters} synthetic adapters, rank {args.rank}, {len(shapes)} modules each "
-              f"(Llama-style shapes, hidden {args.hidden}), in {root}")
+              f"(Llama-style shapes, hidden {args.hidden}), in {inputs_root}")
         print(f"\n{'method':<10} {'time':>8} {'mean energy':>12} {'mean cosine':>12}")
         for method in ("ctm", "core", "mtc"):
             started = time.perf_counter()

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from lorafold.errors import LorafoldError
-from lorafold.servers.process import ManagedProcess, free_port, wait_for_port
+from lorafold.servers.process import ManagedProcess, free_port, port_is_free, wait_for_port
 from lorafold.servers.redis import start_redis
 from lorafold.settings import Settings
 from workers.launcher import WorkerPool, plan_workers, run_pool
@@ -35,6 +35,7 @@ from workers.launcher import WorkerPool, plan_workers, run_pool
 logger = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
+DEFAULT_PORT = 8000
 S3_BUCKET = "lorafold"
 
 
@@ -43,6 +44,15 @@ def write_private_json(path: Path, payload: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
+
+
+def local_api_key(data_dir: Path = Path(".lorafold")) -> str | None:
+    """The first key of a local `lorafold up` (what `lorafold client` uses by default)."""
+    try:
+        keys = json.loads((data_dir / "api_keys.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return next(iter(keys), None) if isinstance(keys, dict) else None
 
 
 def ensure_api_key(data_dir: Path) -> tuple[Path, str]:
@@ -114,7 +124,8 @@ def run_up(args: argparse.Namespace) -> int:
         else:
             env["LORAFOLD_STORAGE_URL"] = str(data_dir / "storage")
         settings = Settings.from_env_overrides(env)  # what the children will see
-        port = args.port or free_port()
+        port = args.port or (DEFAULT_PORT if port_is_free(DEFAULT_PORT, args.host)
+                             else free_port())
         api = ManagedProcess(name="api", argv=api_argv(args.host, port), env=env,
                              log_path=logs / "api.log").start()
         stack.append(api)
@@ -160,7 +171,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                     "the workers as child processes; Ctrl-C stops them.")
     up.add_argument("--data-dir", type=Path, default=Path(".lorafold"),
                     help="state: Redis AOF, storage, API key, logs (default .lorafold)")
-    up.add_argument("--port", type=int, help="API port (default: a free one)")
+    up.add_argument("--port", type=int,
+                    help=f"API port (default {DEFAULT_PORT}, or a free one if it is taken)")
     up.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
     up.add_argument("--s3", action="store_true", help="store adapters in SeaweedFS (S3)")
     up.add_argument("--workers", type=int, default=1, help="CPU workers when no GPU")

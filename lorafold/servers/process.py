@@ -27,6 +27,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 30.0,
                   process: subprocess.Popen[bytes] | None = None) -> None:
     """Block until something accepts connections on host:port, or raise TimeoutError."""
