@@ -196,6 +196,7 @@ class MethodSpec:
     defaults: Hyperparams
     trains: Literal["original", "residual"]  # which LoRA factors are optimised
     needs_retain: bool = False
+    uses_retain: bool = True       # False: a retain set is only measured, never trained on
     needs_reference: bool = False
     summary: str = ""
 
@@ -203,7 +204,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "gradient_ascent": MethodSpec(
         "gradient_ascent", gradient_ascent, Hyperparams(lr=1e-4, max_steps=100),
-        trains="original", summary="maximise forget-set NLL"),
+        trains="original", uses_retain=False, summary="maximise forget-set NLL"),
     "grad_diff": MethodSpec(
         "grad_diff", grad_diff, Hyperparams(lr=1e-4, max_steps=200),
         trains="original", needs_retain=True,

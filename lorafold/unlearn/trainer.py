@@ -86,7 +86,7 @@ def train(model: UnlearnModel, spec: MethodSpec, hp: Hyperparams, *,
         if spec.name == "feature_alignment" else []
     forget_stream = _cycle(forget, batch_size=hp.batch_size, pad_id=pad_id, generator=generator)
     retain_stream = _cycle(retain, batch_size=hp.batch_size, pad_id=pad_id,
-                           generator=generator) if retain else None
+                           generator=generator) if retain and spec.uses_retain else None
     stop = _StopRule(model, forget, holdout, pad_id=pad_id) if holdout else None
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
