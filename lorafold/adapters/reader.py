@@ -1,8 +1,9 @@
 """Read a PEFT LoRA adapter lazily, one module at a time, after validating all of it.
 
 Opening an adapter checks the config, the safetensors header and every key and shape
-without reading tensor data. `load(module)` reads one module's two factors (memory-mapped)
-and refuses NaN/Inf. `validate()` runs that over every module, for uploads.
+without reading tensor data. `load(module)` copies one module's two factors out of the file
+(plain reads, no memory map: see `tensor_file`) and refuses NaN/Inf. `validate()` runs that
+over every module, for uploads.
 
 Every layer kind is reduced to the same canonical factors: ``delta = scale * B @ A`` with
 B (m×r) and A (r×n). Linear: as stored. Conv2d: B is out×r×1×1 and A r×in×kh×kw, flattened.
@@ -13,7 +14,6 @@ not the factors. The merge math therefore never needs to know the layer kind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -23,11 +23,11 @@ from types import TracebackType
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from lorafold.adapters.config import LoraSettings, parse_config
 from lorafold.adapters.safetensors_header import DEFAULT_HEADER_LIMIT, TensorInfo, read_header
 from lorafold.adapters.source import AdapterSource, check_files, resolve_source
+from lorafold.adapters.tensor_file import TensorFile, all_finite, torch_dtype
 from lorafold.errors import InvalidAdapter
 
 ModuleKind = Literal["linear", "embedding", "conv2d"]
@@ -76,14 +76,6 @@ class LoraFactors:
     @property
     def scale(self) -> float:
         return self.spec.scale
-
-
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F64": torch.float64}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
 
 
 def _unexpected(key: str) -> InvalidAdapter:
@@ -167,14 +159,6 @@ def _module_specs(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dic
     return specs
 
 
-def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class LoraAdapter:
     """An opened, validated adapter. Use as a context manager, or call `close()`."""
 
@@ -196,24 +180,22 @@ class LoraAdapter:
             self.config: LoraSettings = parse_config(raw)
             header = read_header(self.weights_path, limit=header_limit)
             self.metadata = header.metadata
+            self._tensors = header.tensors
             self.modules: dict[str, ModuleSpec] = _module_specs(header.tensors, self.config)
             self.size_bytes = self.weights_path.stat().st_size
             try:
-                self._handle: Any = safe_open(str(self.weights_path), framework="pt")
-            except (SafetensorError, OSError) as e:
+                self._file = TensorFile(self.weights_path, header.data_start)
+            except OSError as e:
                 raise InvalidAdapter(f"adapter_model.safetensors: {e}",
                                      code="malformed_safetensors") from e
         except BaseException:
             source.cleanup()
             raise
-        self._sha256: str | None = None
 
     @property
     def sha256(self) -> str:
-        """sha256 of adapter_model.safetensors (computed once, on first use)."""
-        if self._sha256 is None:
-            self._sha256 = sha256_file(self.weights_path)
-        return self._sha256
+        """sha256 of adapter_model.safetensors, mostly from the bytes `load` already read."""
+        return self._file.sha256()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,18 +204,21 @@ class LoraAdapter:
     def load(self, module: str, *, device: torch.device | str = "cpu") -> LoraFactors:
         """The module's canonical factors in their stored dtype, refusing NaN/Inf."""
         spec = self.modules[module]
-        try:
-            a = self._handle.get_tensor(spec.a_key)
-            b = self._handle.get_tensor(spec.b_key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise InvalidAdapter(f"{spec.a_key}: cannot be read: {e}",
-                                 code="malformed_safetensors") from e
-        for key, tensor in ((spec.a_key, a), (spec.b_key, b)):
-            if not bool(torch.isfinite(tensor).all()):
-                raise InvalidAdapter(f"{key}: contains NaN or Inf values", code="non_finite")
+        a = self._read(spec.a_key)
+        b = self._read(spec.b_key)
         a = a.reshape(spec.rank, spec.in_features).to(device)
         b = b.reshape(spec.out_features, spec.rank).to(device)
         return LoraFactors(spec, a, b)
+
+    def _read(self, key: str) -> torch.Tensor:
+        try:
+            tensor = self._file.read(self._tensors[key])
+        except OSError as e:
+            raise InvalidAdapter(f"{key}: cannot be read: {e}",
+                                 code="malformed_safetensors") from e
+        if not all_finite(tensor):
+            raise InvalidAdapter(f"{key}: contains NaN or Inf values", code="non_finite")
+        return tensor
 
     def iter_modules(self) -> Iterator[LoraFactors]:
         for name in self.modules:
@@ -266,7 +251,7 @@ class LoraAdapter:
         }
 
     def close(self) -> None:
-        self._handle = None
+        self._file.close()
         self._source.cleanup()
 
     def __enter__(self) -> LoraAdapter:

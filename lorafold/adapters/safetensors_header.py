@@ -27,6 +27,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int             # where its bytes start, from the beginning of the file
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def read_header(path: Path, *, limit: int = DEFAULT_HEADER_LIMIT) -> Safetensors
             raise InvalidAdapter(f"{path.name}: tensor {name!r} ends at byte {end} of the data "
                                  f"section but the file holds only {data_len}; the file is "
                                  "truncated", code="truncated_safetensors")
-        tensors[name] = TensorInfo(name, dtype, shape, nbytes)
+        tensors[name] = TensorInfo(name, dtype, shape, nbytes, data_start + begin)
         spans.append((begin, end, name))
     spans.sort()
     for (_, prev_end, prev), (begin, _, name) in itertools.pairwise(spans):

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from lorafold.adapters.config import LoraSettings, union_target_modules
 from lorafold.adapters.reader import ModuleSpec
 from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
+from lorafold.adapters.tensor_file import all_finite
 from lorafold.errors import IncompatibleAdapters, NumericalError
 
 LINEAGE_NAME = "lorafold.json"
@@ -67,21 +68,31 @@ def output_config(inputs: Iterable[LoraSettings], rank: int) -> dict[str, Any]:
     return config
 
 
+def _padded(tensor: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` zero-padded to `shape` in `dtype`; itself, not a copy, when it already fits.
+
+    Not copying full-rank modules keeps a merge's peak memory at one copy of its output.
+    """
+    tensor = tensor.detach().to("cpu")
+    if tuple(tensor.shape) == shape:
+        return tensor.to(dtype).contiguous()
+    out = torch.zeros(shape, dtype=dtype)
+    out[: tensor.shape[0], : tensor.shape[1]] = tensor
+    return out
+
+
 def _stored_tensors(module: MergedModule, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     spec = module.spec
     k = module.B.shape[1]
     if k > rank:
         raise ValueError(f"{spec.name}: merged rank {k} exceeds output rank {rank}")
-    b = torch.zeros(spec.out_features, rank, dtype=torch.float32)
-    a = torch.zeros(rank, spec.in_features, dtype=torch.float32)
-    b[:, :k] = module.B.detach().to("cpu", torch.float32)
-    a[:k] = module.A.detach().to("cpu", torch.float32)
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+    if not (all_finite(module.A) and all_finite(module.B)):
         raise NumericalError(f"{spec.name}: merge produced NaN/Inf; nothing written")
+    b = _padded(module.B, (spec.out_features, rank), dtype)
+    a = _padded(module.A, (rank, spec.in_features), dtype)
     b_shape = (spec.out_features, rank, *spec.b_shape[2:])
     a_shape = (rank, *spec.a_shape[1:])
-    return {spec.b_key: b.reshape(b_shape).to(dtype).contiguous(),
-            spec.a_key: a.reshape(a_shape).to(dtype).contiguous()}
+    return {spec.b_key: b.reshape(b_shape), spec.a_key: a.reshape(a_shape)}
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ cancellation checkpoint, so a job can stop cleanly; nothing is written here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
 from collections.abc import Callable, Sequence
@@ -16,11 +17,13 @@ from typing import Any
 import torch
 
 from lorafold.adapters.reader import LoraAdapter
+from lorafold.adapters.tensor_file import all_finite
 from lorafold.adapters.writer import MergedModule
 from lorafold.errors import NumericalError
-from lorafold.merge.methods import MethodInput
+from lorafold.merge.methods import MethodInput, MethodOutput
 from lorafold.merge.plan import MergePlan, ModulePlan
-from lorafold.merge.report import module_report, summarize
+from lorafold.merge.report import module_report, subspace_report, summarize
+from lorafold.merge.threads import adaptive_threads, module_ops
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,14 @@ def module_generator(seed: int, module: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
 
 
+def report_rows(out: MethodOutput, factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                ) -> list[dict[str, float]]:
+    """The module's report entries: from the method's subspace view when it has one (k×k
+    work), else from the factors."""
+    return subspace_report(out.view) if out.view is not None else module_report(
+        out.factors, factors)
+
+
 def _merge_module(plan: MergePlan, module: ModulePlan, adapters: Sequence[LoraAdapter],
                   device: torch.device) -> tuple[MergedModule, dict[str, dict[str, float]]]:
     factors = []
@@ -54,15 +65,15 @@ def _merge_module(plan: MergePlan, module: ModulePlan, adapters: Sequence[LoraAd
     def rule(stack: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return plan.rule.fn(stack, w, plan.rule_params, generator)
 
-    b_out, a_out = plan.method.fn(MethodInput(
+    out = plan.method.fn(MethodInput(
         factors=factors, weights=weights, rank=plan.rank,
         rule=rule, balance=plan.request.balance))
-    if not (bool(torch.isfinite(b_out).all()) and bool(torch.isfinite(a_out).all())):
+    if not (all_finite(out.b) and all_finite(out.a)):
         raise NumericalError(f"{module.name}: merge produced NaN/Inf; nothing written")
-    rows = module_report((b_out, a_out), factors)
+    rows = report_rows(out, factors)
     report = {plan.labels[i]: row for i, row in zip(module.inputs, rows, strict=True)}
-    merged = MergedModule(spec=module.spec, B=b_out.to("cpu", torch.float32),
-                          A=a_out.to("cpu", torch.float32))
+    merged = MergedModule(spec=module.spec, B=out.b.to("cpu", torch.float32),
+                          A=out.a.to("cpu", torch.float32))
     return merged, report
 
 
@@ -72,12 +83,14 @@ def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: t
     merged: list[MergedModule] = []
     per_module: dict[str, dict[str, dict[str, float]]] = {}
     total = len(plan.modules)
-    for done, module in enumerate(plan.modules):
-        if checkpoint is not None:
-            checkpoint()
-        result, rows = _merge_module(plan, module, adapters, device)
-        merged.append(result)
-        per_module[module.name] = rows
-        if progress is not None:
-            progress("merge", (done + 1) / total)
+    with adaptive_threads() if device.type == "cpu" else contextlib.nullcontext():
+        for done, module in enumerate(plan.modules):
+            if checkpoint is not None:
+                checkpoint()
+            with module_ops():
+                result, rows = _merge_module(plan, module, adapters, device)
+            merged.append(result)
+            per_module[module.name] = rows
+            if progress is not None:
+                progress("merge", (done + 1) / total)
     return MergeOutput(modules=merged, report=summarize(per_module, plan.labels))

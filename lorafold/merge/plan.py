@@ -13,13 +13,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafold.adapters.reader import LoraAdapter, ModuleSpec, torch_dtype
+from lorafold.adapters.reader import LoraAdapter, ModuleSpec
+from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
 from lorafold.merge.methods import MethodSpec, resolve_method
 from lorafold.merge.rules import RuleParams, RuleSpec, check_rule_params, resolve_rule
 
 MAX_RANK = 4096
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+# Method/rule pairs that would run but give an arbitrary result, and why. iso makes every
+# non-zero singular value equal, so a method that truncates *after* the rule to rank r has
+# no preferred r-dimensional subspace left to keep; ctm chooses the subspace first.
+REFUSED_COMBINATIONS: dict[tuple[str, str], str] = {
+    ("core", "iso"): "iso flattens the spectrum of the R×R merged core, so truncating it to "
+                     "rank r would keep an arbitrary subspace",
+    ("mtc", "iso"): "iso flattens the spectrum of the dense merged delta (rank Σ r_t), so "
+                    "truncating it to rank r would keep an arbitrary subspace",
+}
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,10 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
     if not method.takes_rule and request.rule != "ta":
         raise InvalidRequest(f"method {method.name!r} is exact and takes no rule (it always "
                              "sums the weighted deltas)", code="invalid_parameter")
-    if method.name == "core" and rule.name == "iso":
-        raise InvalidRequest("method core with rule iso is ill-defined: iso flattens the "
-                             "spectrum of the R×R core, so truncating it to rank r would keep "
-                             "an arbitrary subspace; use ctm with iso", code="invalid_combination")
+    reason = REFUSED_COMBINATIONS.get((method.name, rule.name))
+    if reason is not None:
+        raise InvalidRequest(f"method {method.name} with rule {rule.name} is ill-defined: "
+                             f"{reason}; use ctm with {rule.name}", code="invalid_combination")
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}",
                              code="invalid_parameter")

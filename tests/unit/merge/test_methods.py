@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorafold.merge.methods import METHODS, MethodInput
+from lorafold.merge.plan import REFUSED_COMBINATIONS
 from lorafold.merge.rules import RULES, RuleParams
 
 EXACT = 1e-5
@@ -24,16 +25,17 @@ def factor_sets(ranks: tuple[int, ...], seed: int = 0) -> list[tuple[torch.Tenso
 
 
 def run(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
-        rank: int, rule: str = "ta", balance: bool = False, seed: int = 0,
+        rank: int, rule: str = "ta", balance: bool = False, seed: int = 0, scale: float = 1.0,
         ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = RULES[rule]
+    params = RuleParams(density=0.5, scale=scale)
 
     def apply(stack: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return spec.fn(stack, w, RuleParams(density=0.5), torch.Generator().manual_seed(seed))
+        return spec.fn(stack, w, params, torch.Generator().manual_seed(seed))
 
     return METHODS[method].fn(MethodInput(
         factors=factors, weights=torch.tensor(weights, dtype=torch.float64), rank=rank,
-        rule=apply, balance=balance))
+        rule=apply, balance=balance)).factors
 
 
 def delta(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -52,11 +54,13 @@ def test_single_adapter_is_reproduced(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["ctm", "core", "cat"])
-def test_ta_at_full_rank_is_the_weighted_sum(method: str) -> None:
+@pytest.mark.parametrize("scale", [1.0, 0.35])
+def test_ta_at_full_rank_is_the_scaled_weighted_sum(method: str, scale: float) -> None:
+    """λ·Σ w_t ΔW_t: the global scale λ is applied exactly once, by every method."""
     factors = factor_sets((4, 6, 3))
     weights = [1.0, -0.7, 2.5]
-    merged = run(method, factors, weights, rank=13)
-    expected = sum(w * delta(f) for w, f in zip(weights, factors, strict=True))
+    merged = run(method, factors, weights, rank=13, scale=scale)
+    expected = scale * sum(w * delta(f) for w, f in zip(weights, factors, strict=True))
     assert isinstance(expected, torch.Tensor)
     assert rel_err(delta(merged), expected) < EXACT
 
@@ -81,7 +85,7 @@ def test_core_ta_truncated_equals_mtc_ta() -> None:
 
 @pytest.mark.parametrize(("method", "rule"),
                          [(m, r) for m in ("ctm", "core", "mtc") for r in RULES
-                          if (m, r) != ("core", "iso")])
+                          if (m, r) not in REFUSED_COMBINATIONS])
 def test_rank_never_exceeds_r(method: str, rule: str) -> None:
     merged = run(method, factor_sets((4, 6, 5), seed=3), [1.0, 1.0, -0.5], rank=4, rule=rule)
     assert merged[0].shape[1] <= 4 and merged[1].shape[0] <= 4

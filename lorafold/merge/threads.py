@@ -1,0 +1,146 @@
+"""Torch threads for a CPU merge, chosen from measurements as the merge runs.
+
+CtM does a few large ops per module (the float64 Gram of the stacked factors, products
+with the implicit bases, two R×R eigendecompositions) and many small R×R and r×r ops.
+With as many OpenMP threads as cores, every op ends in a barrier that waits for all
+threads; when another process holds one of the cores, that wait lasts a scheduler time
+slice. So each kind of big op, and each module's small ops as a whole, run on whichever
+of 1 or all threads has recently been faster for them; every few calls try the other
+count, so the choice follows the machine's load as it changes.
+
+Measured on 2 shared cores (`merge_adapters`, 8 Llama-2-7B layers, T = 8, medians of 6 to
+8 alternating runs): idle, all threads 1.07 s, this policy 1.10 s; beside one busy
+process, all threads 3.67 s, this policy 1.96 s (one thread throughout: 1.4 s, but 1.45 s
+idle; small ops on one thread and big ops on all: 2.6 s). torch's thread count is
+process-wide: a merge owns it while it runs (lorafold runs one merge per worker process)
+and restores it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ThreadChooser:
+    """The thread count for the next op of one kind: the faster recently, probing the other."""
+
+    threads: int                      # all threads the merge started with
+    probe_every: int = 16             # every n-th op tries the count that is not the best
+    smoothing: float = 0.3            # weight of the newest measurement in the rate
+    rates: dict[int, float] = field(default_factory=dict)   # thread count -> flop/s
+    calls: int = 0
+
+    def choose(self) -> int:
+        self.calls += 1
+        for candidate in (self.threads, 1):
+            if candidate not in self.rates:
+                return candidate
+        best = max(self.rates, key=self.rates.__getitem__)
+        if self.calls % self.probe_every == 0:
+            return 1 if best == self.threads else self.threads
+        return best
+
+    def record(self, threads: int, flops: float, seconds: float) -> None:
+        rate = flops / max(seconds, 1e-9)
+        old = self.rates.get(threads)
+        self.rates[threads] = rate if old is None else (
+            self.smoothing * rate + (1 - self.smoothing) * old)
+
+
+@dataclass
+class _MergeThreads:
+    threads: int                                  # what the merge started with
+    choosers: dict[str, ThreadChooser]            # per kind of big op, and "small"
+    baseline: int = 1                             # threads for the current module's small ops
+    big_seconds: float = 0.0                      # time spent inside big ops so far
+
+
+_ACTIVE: ContextVar[_MergeThreads | None] = ContextVar("merge_threads", default=None)
+
+
+@contextlib.contextmanager
+def adaptive_threads(learnt: dict[str, ThreadChooser] | None = None) -> Iterator[None]:
+    """Let `module_ops` and `big_op` choose torch's thread count inside; restore it after.
+
+    For CPU merges only: the choice times ops with the wall clock, which asynchronous GPU
+    kernels would defeat. `learnt` carries the measured rates from one block to the next
+    (the benchmark times CtM in many short blocks, as one merge would run them).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    token = _ACTIVE.set(_MergeThreads(threads, {} if learnt is None else learnt))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def module_ops() -> Iterator[None]:
+    """One module's small ops, on the thread count that has recently run them faster.
+
+    They cost about the same in every module (R×R and r×r work), so their time outside
+    the big ops is compared directly.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    chooser = active.choosers.setdefault("small", ThreadChooser(active.threads))
+    active.baseline = chooser.choose()
+    torch.set_num_threads(active.baseline)
+    big_before, started = active.big_seconds, time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started - (active.big_seconds - big_before)
+        chooser.record(active.baseline, 1.0, elapsed)
+
+
+@contextlib.contextmanager
+def big_op(kind: str, flops: float) -> Iterator[None]:
+    """A large op of about `flops` flops: run it on the thread count chosen for its `kind`.
+
+    Rates are kept per kind (a memory-bound product and a GEMM run at different rates), so
+    a probe of one kind never decides for another. Outside a merge this does nothing.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    chooser = active.choosers.setdefault(kind, ThreadChooser(active.threads))
+    threads = chooser.choose()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        chooser.record(threads, flops, elapsed)
+        active.big_seconds += elapsed
+        torch.set_num_threads(active.baseline)
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Ops that take seconds (dense m×n work): all threads, no measuring. A probe on one
+    thread would cost seconds, and barrier waits matter little in ops that long."""
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    torch.set_num_threads(active.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(active.baseline)
