@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -45,6 +44,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from machine import machine_info
 
 from lorafold.adapters.config import PEFT_PREFIX
 from lorafold.adapters.reader import open_adapter
@@ -478,27 +478,6 @@ def summarize(per_seed: Sequence[dict[str, Any]], methods: Sequence[Method],
     return rows
 
 
-def machine_info(cfg: QualityConfig) -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpus": os.cpu_count(),
-                            "torch_threads": cfg.threads}
-    try:
-        import peft
-        import transformers
-        info |= {"transformers": transformers.__version__, "peft": peft.__version__}
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            info["mem_gb"] = round(int(f.readline().split()[1]) / 1e6, 1)
-    except OSError:
-        info["cpu"] = platform.processor()
-    return info
-
-
 def public_accuracy(base: torch.nn.Module, cfg: QualityConfig) -> list[float]:
     """The base model's accuracy per skill on fresh public-corpus questions."""
     vocab = Vocab(cfg.tasks, cfg.domain)
@@ -531,7 +510,7 @@ def run_benchmark(cfg: QualityConfig, command: str, *, workdir: Path | None = No
         per_seed = [run_seed(cfg, base, seed, methods, Path(tmp), log) for seed in cfg.seeds]
     return {
         "benchmark": "merge_quality", "command": command, "config": asdict(cfg),
-        "skills": list(SKILL_NAMES[:cfg.tasks]), "machine": machine_info(cfg),
+        "skills": list(SKILL_NAMES[:cfg.tasks]), "machine": machine_info(cfg.threads),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "wall_s": time.perf_counter() - started, "pretrain_s": pretrain_s,
         "base_public_accuracy": public,

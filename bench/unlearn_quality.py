@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from machine import machine_info
 from scipy.stats import ks_2samp
 from unlearn_world import World, WorldSpec, build_world, load_base, train_adapter
 
@@ -251,21 +251,6 @@ def stacked_row(name: str, runs: Sequence[Run], gold_auc: float) -> dict[str, An
 
 # --------------------------------------------------------------------------- report
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, cores, library versions and the torch thread count used."""
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f
-                      if line.startswith("model name")), model)
-    versions: dict[str, str] = {}
-    for name in ("transformers", "peft", "scipy"):
-        with contextlib.suppress(ImportError):
-            versions[name] = __import__(name).__version__
-    return {"cpu_model": model, "cores": os.cpu_count(), "torch_threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), **versions}
-
-
 def sizes(world: World, cfg: BenchConfig) -> dict[str, Any]:
     """Every size of the run, in words and numbers, for the report."""
     spec = world.spec
@@ -307,8 +292,8 @@ def run_benchmark(cfg: BenchConfig, command: str, workdir: Path | None = None
         "sizes": world_sizes, "hyperparameter_rule": HYPERPARAMETER_RULE,
         "hyperparams": {m: dataclasses.asdict(hyperparams_for(m, 0, cfg))
                         for m in cfg.methods},
-        "machine": {**machine_info(cfg.threads), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg()},
+        "machine": {**machine_info(cfg.threads, ("transformers", "peft", "scipy")),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "total_wall_s": time.perf_counter() - started,
         **summarize_runs(runs, cfg),
         "runs": [asdict(r) for r in runs],

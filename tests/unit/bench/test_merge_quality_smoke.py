@@ -8,9 +8,7 @@ a merged adapter read back densely gives the logits PEFT gives when it loads tha
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,17 +18,12 @@ from typing import Any
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[3] / "bench" / "merge_quality.py"
+from tests.unit.bench.bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_merge_quality", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("merge_quality")
 
 
 @dataclass

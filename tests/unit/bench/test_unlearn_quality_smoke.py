@@ -9,31 +9,19 @@ model alone knows neither the forget nor the retain facts).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from lorafold.unlearn import METHODS, resolve_hyperparams
-
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
+from tests.unit.bench.bench_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BENCH_DIR))   # as when run as a script: unlearn_world beside it
-        spec = importlib.util.spec_from_file_location("bench_unlearn_quality",
-                                                      BENCH_DIR / "unlearn_quality.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module       # dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    return module
+    return load_bench("unlearn_quality")
 
 
 @pytest.fixture(scope="module")
