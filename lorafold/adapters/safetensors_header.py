@@ -42,6 +42,15 @@ def _malformed(path: Path, detail: str) -> InvalidAdapter:
                           code="malformed_safetensors")
 
 
+def header_size(prefix: bytes, *, limit: int = DEFAULT_HEADER_LIMIT) -> int:
+    """How many leading bytes of a safetensors file hold its header, from its first 8 bytes
+    (8 + the header's length, capped at 8 + `limit`: a bigger header is refused anyway)."""
+    if len(prefix) < 8:
+        return len(prefix)
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    return 8 + min(header_len, limit)
+
+
 def read_header(path: Path, *, limit: int = DEFAULT_HEADER_LIMIT) -> SafetensorsHeader:
     """Parse and check the header; raises InvalidAdapter with a precise code."""
     size = path.stat().st_size

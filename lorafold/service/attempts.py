@@ -1,7 +1,8 @@
 """One attempt of a job, as run by a worker: the part every job type shares.
 
-`run_attempt` marks the job running (a new attempt), runs its body in a private work
-directory under the spool, and writes the outcome to the job's record: `succeeded` with
+`run_attempt` marks the job running (a new attempt), runs its body with a `JobWork` (a
+private work directory under the spool, progress, the cancel checkpoint, input fetching),
+and writes the outcome to the job's record: `succeeded` with
 the body's result, `failed` with {code, message, retryable} for a domain error, or
 `cancelled` when the body saw the cancel flag at a checkpoint. Domain errors are not
 re-raised, so the queue never re-runs a job that failed for a reason of its own. An
@@ -12,19 +13,45 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from lorafold.errors import Conflict, JobCancelled, LorafoldError
 from lorafold.jobs import JobRecord
 from lorafold.service.context import ServiceContext
-from lorafold.service.joblog import JobLogger, job_logger
+from lorafold.service.joblog import JobLogger, ProgressReporter, job_logger
 
 logger = logging.getLogger(__name__)
 
 SUPERSEDED = frozenset({"job_finished", "stale_attempt"})
-JobBody = Callable[[JobRecord, Path, JobLogger], dict[str, Any]]
+
+
+class JobWork:
+    """What a job body works with: its record and params, a private work directory, the
+    device, progress over the job's `stages`, the cancel checkpoint, and input fetching."""
+
+    def __init__(self, ctx: ServiceContext, record: JobRecord, work: Path, device: str | None,
+                 stages: Mapping[str, tuple[float, float]]) -> None:
+        self.ctx = ctx
+        self.record = record
+        self.params = record.params
+        self.work = work
+        self.device = device
+        self.progress = ProgressReporter(ctx.jobs, record.id, stages)
+
+    def checkpoint(self) -> None:
+        """Raises JobCancelled once the job's cancellation was requested."""
+        self.ctx.jobs.checkpoint(self.record.id)
+
+    def fetch(self, adapter_id: str) -> Path:
+        """One of the tenant's adapters, downloaded into the work directory."""
+        self.checkpoint()
+        return self.ctx.adapters.fetch_files(self.record.tenant, adapter_id,
+                                             self.work / "inputs" / adapter_id)
+
+
+JobBody = Callable[[JobWork, JobLogger], dict[str, Any]]
 
 
 def start_attempt(ctx: ServiceContext, job_id: str, log: JobLogger,
@@ -54,7 +81,8 @@ def settle(mark: Callable[[], JobRecord], log: JobLogger) -> JobRecord | None:
         return None
 
 
-def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *,
+def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *, device: str | None,
+                stages: Mapping[str, tuple[float, float]],
                 runner: str | None = None) -> JobRecord | None:
     """Run one attempt of job `job_id`; returns its final record (None if superseded)."""
     log = job_logger(logger, job_id)
@@ -65,7 +93,7 @@ def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *,
     try:
         ctx.jobs.checkpoint(job_id)
         with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=ctx.spool_dir) as tmp:
-            result = body(record, Path(tmp), log)
+            result = body(JobWork(ctx, record, Path(tmp), device, stages), log)
     except JobCancelled:
         log.info("cancelled (attempt %d)", attempt)
         return settle(lambda: ctx.jobs.mark_cancelled(job_id, attempt=attempt), log)

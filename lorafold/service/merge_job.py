@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any
 
 from lorafold.adapters import open_adapter
 from lorafold.jobs import JobRecord
 from lorafold.merge import MergeResult, merge_adapters
 from lorafold.service.adapters import publish_job_output
-from lorafold.service.attempts import run_attempt
+from lorafold.service.attempts import JobWork, run_attempt
 from lorafold.service.context import ServiceContext
-from lorafold.service.joblog import JobLogger, ProgressReporter
+from lorafold.service.joblog import JobLogger
 from lorafold.service.merges import request_from_params
 
 logger = logging.getLogger(__name__)
@@ -33,37 +32,28 @@ MERGE_STAGES = {"fetch": (0.0, 0.1), "plan": (0.1, 0.1), "merge": (0.1, 0.9),
 def run_merge_job(*, ctx: ServiceContext, job_id: str, device: str | None = None,
                   runner: str | None = None) -> JobRecord | None:
     """Run one attempt of merge job `job_id`; returns its final record (None if superseded)."""
-    return run_attempt(ctx, job_id, lambda record, work, log: _merge_and_publish(
-        ctx, record, work, device, log), runner=runner)
+    return run_attempt(ctx, job_id, _merge_and_publish, device=device, stages=MERGE_STAGES,
+                       runner=runner)
 
 
-def _merge_and_publish(ctx: ServiceContext, record: JobRecord, work: Path,
-                       device: str | None, log: JobLogger) -> dict[str, Any]:
-    job_id, tenant, params = record.id, record.tenant, record.params
-    request = request_from_params(params)
-    input_ids = [item["id"] for item in params["inputs"]]
-    progress = ProgressReporter(ctx.jobs, job_id, MERGE_STAGES)
-    store = ctx.adapters
-
-    def checkpoint() -> None:
-        ctx.jobs.checkpoint(job_id)
-
+def _merge_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
+    request = request_from_params(job.params)
+    input_ids = [item["id"] for item in job.params["inputs"]]
     with contextlib.ExitStack() as stack:
         adapters = []
         for done, adapter_id in enumerate(input_ids):
-            checkpoint()
-            directory = store.fetch_files(tenant, adapter_id, work / "inputs" / adapter_id)
-            adapters.append(stack.enter_context(open_adapter(directory, label=adapter_id)))
-            progress("fetch", (done + 1) / len(input_ids))
+            adapters.append(stack.enter_context(open_adapter(job.fetch(adapter_id),
+                                                             label=adapter_id)))
+            job.progress("fetch", (done + 1) / len(input_ids))
         log.info("fetched %d inputs; merging (%s/%s)", len(adapters), request.method,
                  request.rule)
-        result = merge_adapters(adapters, work / "output", request, device=device,
-                                progress=progress, checkpoint=checkpoint,
-                                lineage_extra={"input_ids": input_ids, "job_id": job_id})
-    checkpoint()
-    progress("publish", 0.0)
-    output_id = publish_job_output(ctx, record, result.out_dir, work, source="merge",
-                                   parents=input_ids)
+        result = merge_adapters(adapters, job.work / "output", request, device=job.device,
+                                progress=job.progress, checkpoint=job.checkpoint,
+                                lineage_extra={"input_ids": input_ids, "job_id": job.record.id})
+    job.checkpoint()
+    job.progress("publish", 0.0)
+    output_id = publish_job_output(job.ctx, job.record, result.out_dir, job.work,
+                                   source="merge", parents=input_ids)
     log.info("published adapter %s in %.2fs of merging", output_id, result.wall_time_s)
     return {"adapter_id": output_id, "report": merge_summary(result)}
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from lorafold.adapters import open_adapter
 from lorafold.jobs import JobRecord
 from lorafold.merge import MergeResult
 from lorafold.service.adapters import publish_job_output
-from lorafold.service.attempts import run_attempt
+from lorafold.service.attempts import JobWork, run_attempt
 from lorafold.service.context import ServiceContext
 from lorafold.service.datasets import load_dataset
-from lorafold.service.joblog import JobLogger, ProgressReporter
+from lorafold.service.joblog import JobLogger
 from lorafold.service.merge_job import MERGE_STAGES, merge_summary
 from lorafold.service.unlearning import locate_base_model
 from lorafold.unlearn import unlearn
@@ -33,37 +32,16 @@ logger = logging.getLogger(__name__)
 UNLEARN_SPAN = (0.1, 0.95)  # the data-driven run's share of the job, between fetch and publish
 
 
-class _Job:
-    """What every step of one attempt needs: context, record, work dir, device, progress."""
-
-    def __init__(self, ctx: ServiceContext, record: JobRecord, work: Path,
-                 device: str | None) -> None:
-        self.ctx = ctx
-        self.record = record
-        self.params = record.params
-        self.work = work
-        self.device = device
-        self.progress = ProgressReporter(ctx.jobs, record.id, MERGE_STAGES)
-
-    def checkpoint(self) -> None:
-        self.ctx.jobs.checkpoint(self.record.id)
-
-    def fetch(self, adapter_id: str) -> Path:
-        self.checkpoint()
-        return self.ctx.adapters.fetch_files(self.record.tenant, adapter_id,
-                                             self.work / "inputs" / adapter_id)
-
-
 def run_unlearn_job(*, ctx: ServiceContext, job_id: str, device: str | None = None,
                     runner: str | None = None) -> JobRecord | None:
     """Run one attempt of unlearning job `job_id`; its final record (None if superseded)."""
-    return run_attempt(ctx, job_id, lambda record, work, log: _unlearn_and_publish(
-        _Job(ctx, record, work, device), log), runner=runner)
+    return run_attempt(ctx, job_id, _unlearn_and_publish, device=device, stages=MERGE_STAGES,
+                       runner=runner)
 
 
-def _unlearn_and_publish(job: _Job, log: JobLogger) -> dict[str, Any]:
+def _unlearn_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
     method = job.params["method"]
-    body: Callable[[_Job], tuple[list[str], dict[str, Any]]] = \
+    body: Callable[[JobWork], tuple[list[str], dict[str, Any]]] = \
         {"remove": _remove, "negate": _negate}.get(method, _data_driven)
     log.info("unlearning (%s) from adapter %s", method, job.params["adapter"])
     parents, result = body(job)
@@ -76,7 +54,7 @@ def _unlearn_and_publish(job: _Job, log: JobLogger) -> dict[str, Any]:
     return {"adapter_id": output_id, "method": method, **result}
 
 
-def _remove(job: _Job) -> tuple[list[str], dict[str, Any]]:
+def _remove(job: JobWork) -> tuple[list[str], dict[str, Any]]:
     merged = job.fetch(job.params["adapter"])
     constituents = job.params["constituents"]
     paths = {}
@@ -92,7 +70,7 @@ def _remove(job: _Job) -> tuple[list[str], dict[str, Any]]:
                                      "report": merge_summary(result)}
 
 
-def _negate(job: _Job) -> tuple[list[str], dict[str, Any]]:
+def _negate(job: JobWork) -> tuple[list[str], dict[str, Any]]:
     ids = [job.params["adapter"], job.params["forget_adapter"]]
     with contextlib.ExitStack() as stack:
         target, forget = (stack.enter_context(open_adapter(job.fetch(i), label=i)) for i in ids)
@@ -104,7 +82,7 @@ def _negate(job: _Job) -> tuple[list[str], dict[str, Any]]:
     return ids, {"strength": job.params["strength"], "report": merge_summary(result)}
 
 
-def _data_driven(job: _Job) -> tuple[list[str], dict[str, Any]]:
+def _data_driven(job: JobWork) -> tuple[list[str], dict[str, Any]]:
     params, ctx = job.params, job.ctx
     model_dir = locate_base_model(ctx.settings, params["base_model"],
                                   allow_download=ctx.settings.allow_model_download)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafold.adapters.safetensors_header import header_size
+from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
 from lorafold.errors import (
     AdapterNotFound,
     IncompatibleAdapters,
@@ -191,17 +193,30 @@ def _plan_data(ctx: ServiceContext, tenant: str, spec: UnlearnSpec,
             raise
         model_dir = None  # the worker downloads it; the fit is checked there
     if model_dir is not None:
-        _check_fit(ctx, tenant, spec.adapter, model_dir)
+        _check_fit(ctx, manifest, model_dir)
     return {"method": spec.method, "adapter": spec.adapter, "base_model": base_name,
             "datasets": {role: i for role, i in datasets.items() if i is not None},
             "hyperparams": dataclasses.asdict(hyperparams)}
 
 
-def _check_fit(ctx: ServiceContext, tenant: str, adapter_id: str, model_dir: Path) -> None:
+def _check_fit(ctx: ServiceContext, manifest: Mapping[str, Any], model_dir: Path) -> None:
     """Refuse an adapter whose modules do not exist, or differ in shape, in the base model."""
     try:
         with tempfile.TemporaryDirectory(prefix="fit-", dir=ctx.spool_dir) as tmp:
-            directory = ctx.adapters.fetch_files(tenant, adapter_id, Path(tmp) / "adapter")
-            check_adapter_fits_model_dir(model_dir, directory)
+            check_adapter_fits_model_dir(model_dir, _stage_shapes(ctx, manifest, Path(tmp)))
     except OSError as e:
-        raise StorageError(f"cannot stage adapter {adapter_id} for checking: {e}") from e
+        raise StorageError(f"cannot stage adapter {manifest['id']} for checking: {e}") from e
+
+
+def _stage_shapes(ctx: ServiceContext, manifest: Mapping[str, Any], directory: Path) -> Path:
+    """The adapter's config and the header of its weights, the tensor data left as a hole
+    of the real size (a sparse file): all `open_adapter` needs to know the modules and their
+    shapes, without transferring the weights themselves."""
+    files, blobs = manifest["files"], ctx.adapters.blobs
+    blobs.download(files[CONFIG_NAME], directory / CONFIG_NAME)
+    weights = files[WEIGHTS_NAME]
+    header = blobs.head(weights, header_size(blobs.head(weights, 8)))
+    with (directory / WEIGHTS_NAME).open("wb") as f:
+        f.write(header)
+        f.truncate(weights["size"])
+    return directory

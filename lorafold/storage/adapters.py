@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lorafold.errors import AdapterNotFound, InvalidRequest, StorageError
 from lorafold.storage import layout
 from lorafold.storage.base import ByteStream, Storage
-from lorafold.storage.blobs import BlobRef, BlobStore
+from lorafold.storage.blobs import BlobStore
 from lorafold.storage.manifests import Manifests
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,6 @@ class AdapterStore:
         self.blobs = BlobStore(storage)
         self.manifests = Manifests(storage, "adapters", AdapterNotFound,
                                    required=frozenset({"files", "archive"}))
-
-    # -- blobs ---------------------------------------------------------------------------
-
-    def put_blob_stream(self, chunks: Iterable[bytes]) -> BlobRef:
-        return self.blobs.put_stream(chunks)
-
-    def put_blob_file(self, path: Path) -> BlobRef:
-        return self.blobs.put_file(path)
 
     # -- adapters ------------------------------------------------------------------------
 
@@ -63,8 +55,8 @@ class AdapterStore:
             json.dumps(dict(record))
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"adapter {adapter_id!r}: record is not JSON: {e}") from e
-        refs = {name: self.put_blob_file(path).to_dict() for name, path in files.items()}
-        archive_ref = self.put_blob_file(Path(archive))
+        refs = {name: self.blobs.put_file(path).to_dict() for name, path in files.items()}
+        archive_ref = self.blobs.put_file(Path(archive))
         manifest = self.manifests.write(tenant, adapter_id, {  # last: now it is visible
             "files": refs, "archive": {**archive_ref.to_dict(), "format": fmt},
             "record": dict(record)})

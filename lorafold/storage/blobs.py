@@ -56,10 +56,10 @@ class BlobStore:
     def put_file(self, path: Path) -> BlobRef:
         return self.put_stream(file_chunks(Path(path)))
 
-    def open(self, ref: Mapping[str, Any]) -> ByteStream:
+    def open(self, ref: Mapping[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE) -> ByteStream:
         key = layout.blob_key(ref["sha256"])
         try:
-            return self.storage.open_stream(key)
+            return self.storage.open_stream(key, chunk_size)
         except NotFound as e:
             # A manifest naming a missing blob is a broken store, not a user's 404.
             raise StorageError(f"blob {key} named by a manifest is missing",
@@ -89,6 +89,16 @@ class BlobStore:
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
+
+    def head(self, ref: Mapping[str, Any], size: int) -> bytes:
+        """The first `size` bytes of the blob; reading stops there."""
+        data = bytearray()
+        with self.open(ref, chunk_size=min(max(size, 1), DEFAULT_CHUNK_SIZE)) as stream:
+            for chunk in stream:
+                data += chunk
+                if len(data) >= size:
+                    break
+        return bytes(data[:size])
 
     def read(self, ref: Mapping[str, Any]) -> bytes:
         """A small blob's bytes (manifest-sized things, not adapters)."""

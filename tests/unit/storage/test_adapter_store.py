@@ -189,9 +189,9 @@ def test_identical_blobs_are_stored_once(store: AdapterStore, fs: FilesystemStor
 
 def test_put_blob_stream_hash_and_dedup(store: AdapterStore, fs: FilesystemStorage) -> None:
     data = bytes(range(256)) * 1000
-    ref = store.put_blob_stream(data[i:i + 4096] for i in range(0, len(data), 4096))
+    ref = store.blobs.put_stream(data[i:i + 4096] for i in range(0, len(data), 4096))
     assert (ref.sha256, ref.size) == (hashlib.sha256(data).hexdigest(), len(data))
-    again = store.put_blob_stream([data])
+    again = store.blobs.put_stream([data])
     assert again == ref
     assert list(fs.list_keys("")) == [f"blobs/sha256/{ref.sha256}"]
 
