@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.merge.rules import flatten_spectrum, numerical_rank
+from lorafold.merge.subspaces import FactorStack
 from lorafold.merge.threads import big_op
 
 # Above this estimate of κ(B̂) (columns scaled to unit norm) use Householder QR: it keeps
@@ -124,17 +126,25 @@ class CoreSpace:
         left, right = p.T @ self.r_b, self.r_a.T @ q
         return torch.stack([left[:, s] @ right[s] for s in self.blocks])
 
-    def weighted_grams(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Σ c_t² K_t K_tᵀ and Σ c_t² K_tᵀ K_t from R×R products only.
+    def factor_stack(self, c: torch.Tensor) -> FactorStack:
+        """The stack of c_t·K_t as factors (c_t R_B^(t), R_A^(t)) padded to a common width,
+        for `subspaces`."""
+        width = max(s.stop - s.start for s in self.blocks)
+        left = self.r_b.new_zeros(self.r_b.shape[0], len(self.blocks) * width)
+        right = self.r_a.new_zeros(self.r_a.shape[0], len(self.blocks) * width)
+        for t, s in enumerate(self.blocks):
+            columns = slice(t * width, t * width + s.stop - s.start)
+            left[:, columns] = self.r_b[:, s] * c[t]
+            right[:, columns] = self.r_a[:, s]
+        return FactorStack(left=left, right=right, count=len(self.blocks))
 
-        K_t K_tᵀ = R_B^(t) (R_A^(t)ᵀ R_A^(t)) R_B^(t)ᵀ, so the sum is R_B D R_Bᵀ with D the
-        block diagonal of R_Aᵀ R_A, block t scaled by c_t².
+    def svd_rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U_B, U_A (k×k) with Q_B U_B and Q_A U_A the left singular vectors of B̂ and Â:
+        Core Space merging's bases (B̂ = Q_B R_B and R_B = U_B Σ Vᵀ, so B̂'s are Q_B U_B).
         """
-        per_column = c[self.owner]
-        mask = torch.outer(per_column, per_column) * self._same_input()
-        left = self.r_b @ ((self.r_a.T @ self.r_a) * mask) @ self.r_b.T
-        right = self.r_a @ ((self.r_b.T @ self.r_b) * mask) @ self.r_a.T
-        return left, right
+        u_b = torch.linalg.svd(self.r_b, full_matrices=False)[0]
+        u_a = torch.linalg.svd(self.r_a, full_matrices=False)[0]
+        return u_b, u_a
 
     def core_norms(self) -> torch.Tensor:
         """‖K_t‖_F for each input: ‖K_t‖² = Σ of block t of (R_BᵀR_B) ⊙ (R_AᵀR_A)."""
@@ -158,26 +168,18 @@ def core_space(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> CoreSpac
                      blocks=tuple(slice(s, s + r) for s, r in zip(starts, ranks, strict=True)))
 
 
-def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The `rank` leading eigenvectors of a symmetric PSD matrix, largest first.
-
-    Those of Σ K_t K_tᵀ are the top left singular vectors of [K_1 … K_T]; this avoids a
-    k×Tk SVD.
-    """
-    with big_op("eigh", 9.0 * gram.shape[0] ** 3):
-        _, vectors = torch.linalg.eigh(gram)
-    return vectors[:, -rank:].flip(1)
-
-
-def split_core(core: torch.Tensor, rank: int | None = None,
+def split_core(core: torch.Tensor, rank: int | None = None, *, flat: bool = False,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """core ≈ (U√Σ)(√Σ Vᵀ): balanced small factors from its SVD, truncated to `rank`.
 
     Mapped through orthonormal bases this is the best rank-`rank` approximation of the
-    delta the core represents, split evenly between B and A.
+    delta the core represents, split evenly between B and A. `flat` then replaces the kept
+    non-zero singular values by their mean (Iso-C: truncate, then flatten).
     """
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     if rank is not None:
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    if flat:
+        s = flatten_spectrum(s, numerical_rank(s, tuple(core.shape), torch.float32))
     root = s.sqrt()
     return u * root, root.unsqueeze(1) * vh

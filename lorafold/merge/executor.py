@@ -22,7 +22,8 @@ from lorafold.adapters.writer import MergedModule
 from lorafold.errors import NumericalError
 from lorafold.merge.methods import MethodInput, MethodOutput
 from lorafold.merge.plan import MergePlan, ModulePlan
-from lorafold.merge.report import module_report, subspace_report, summarize
+from lorafold.merge.report import module_report, subspace_report, subspace_summary, summarize
+from lorafold.merge.subspaces import Subspaces
 from lorafold.merge.threads import adaptive_threads, module_ops
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def report_rows(out: MethodOutput, factors: Sequence[tuple[torch.Tensor, torch.T
 
 
 def _merge_module(plan: MergePlan, module: ModulePlan, adapters: Sequence[LoraAdapter],
-                  device: torch.device) -> tuple[MergedModule, dict[str, dict[str, float]]]:
+                  device: torch.device) -> tuple[MergedModule, dict[str, dict[str, float]],
+                                                 Subspaces | None]:
     factors = []
     for index in module.inputs:
         loaded = adapters[index].load(module.name, device=device)
@@ -66,15 +68,16 @@ def _merge_module(plan: MergePlan, module: ModulePlan, adapters: Sequence[LoraAd
         return plan.rule.fn(stack, w, plan.rule_params, generator)
 
     out = plan.method.fn(MethodInput(
-        factors=factors, weights=weights, rank=plan.rank,
-        rule=rule, balance=plan.request.balance))
+        factors=factors, weights=weights, rank=plan.rank, rule=rule,
+        flat_spectrum=plan.rule.flat_spectrum, beta=plan.request.ctm_beta,
+        subspace=plan.request.ctm_subspace))
     if not (all_finite(out.b) and all_finite(out.a)):
         raise NumericalError(f"{module.name}: merge produced NaN/Inf; nothing written")
     rows = report_rows(out, factors)
     report = {plan.labels[i]: row for i, row in zip(module.inputs, rows, strict=True)}
     merged = MergedModule(spec=module.spec, B=out.b.to("cpu", torch.float32),
                           A=out.a.to("cpu", torch.float32))
-    return merged, report
+    return merged, report, out.subspaces
 
 
 def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: torch.device,
@@ -82,15 +85,21 @@ def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: t
                   checkpoint: Checkpoint | None = None) -> MergeOutput:
     merged: list[MergedModule] = []
     per_module: dict[str, dict[str, dict[str, float]]] = {}
+    subspaces: dict[str, Subspaces] = {}
     total = len(plan.modules)
     with adaptive_threads() if device.type == "cpu" else contextlib.nullcontext():
         for done, module in enumerate(plan.modules):
             if checkpoint is not None:
                 checkpoint()
             with module_ops():
-                result, rows = _merge_module(plan, module, adapters, device)
+                result, rows, found = _merge_module(plan, module, adapters, device)
             merged.append(result)
             per_module[module.name] = rows
+            if found is not None:
+                subspaces[module.name] = found
             if progress is not None:
                 progress("merge", (done + 1) / total)
-    return MergeOutput(modules=merged, report=summarize(per_module, plan.labels))
+    report = summarize(per_module, plan.labels)
+    if subspaces:
+        report["subspaces"] = subspace_summary(subspaces)
+    return MergeOutput(modules=merged, report=report)

@@ -1,11 +1,16 @@
 """Merge methods: one module's input factors in, one module's output factors out.
 
-- ctm   Compress-then-Merge (our reconstruction, DESIGN.md §3): rule on r×r coordinates
-        inside shared top-r subspaces of the core space.
+- ctm   Compress-then-Merge (DESIGN.md §3, after its authors' code): rule on r×r
+        coordinates inside shared rank-r Tucker-2 subspaces of the β-rescaled cores.
 - mtc   merge-then-compress: rule on dense m×n deltas, truncated SVD to rank r (what
         PEFT's add_weighted_adapter "svd"/"ties_svd"/... do). Slow by nature: the baseline.
 - cat   concatenate the weighted, scaled factors: exact, rank Σ r_t.
-- core  Core Space merging: rule on the R×R cores, truncated to rank r.
+- core  Core Space merging (arXiv 2509.17786): rule on the R×R cores in the SVD bases of
+        the stacked factors, truncated to rank r. With ta or iso it equals mtc exactly (the
+        dense sum is Q_B (Σ w_t K_t) Q_Aᵀ), at CtM's cost.
+
+A rule with a flat spectrum (iso) is flattened after the truncation to rank r: mtc and core
+give "truncate, then flatten", and ctm, whose merge already has rank r, "flatten".
 
 Every method sees factors already scaled (B_t holds s_t) in float32 on the compute device
 and returns (B, A) with delta = B @ A and at most `rank` columns/rows; ctm and core also
@@ -20,9 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from lorafold.errors import UnknownMethod
-from lorafold.merge.core_space import core_space, split_core, top_eigenvectors
+from lorafold.merge.core_space import core_space, split_core
 from lorafold.merge.report import SubspaceView
+from lorafold.merge.rules import flatten_spectrum, numerical_rank
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE, Subspaces, shared_subspaces
 from lorafold.merge.threads import all_threads
+
+DEFAULT_BETA = 1.0
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 ApplyRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,8 +42,10 @@ class MethodInput:
     factors: Factors          # (s_t·B_t, A_t) for the inputs that have this module
     weights: torch.Tensor     # w_t for those inputs, float64, on the device
     rank: int                 # requested output rank (cat ignores it)
-    rule: ApplyRule           # the configured rule: (stack, weights) -> merged
-    balance: bool = False     # ctm: equalise the inputs' influence on the subspaces
+    rule: ApplyRule           # the configured rule's combination: (stack, weights) -> merged
+    flat_spectrum: bool = False   # the rule flattens the spectrum after truncation (iso)
+    beta: float = DEFAULT_BETA    # ctm: 1 = inputs as they are, 0 = all at the mean norm
+    subspace: str = DEFAULT_SUBSPACE   # ctm: "hooi" or "hosvd"
 
 
 @dataclass(frozen=True)
@@ -44,43 +55,51 @@ class MethodOutput:
     b: torch.Tensor
     a: torch.Tensor
     view: SubspaceView | None = None
+    subspaces: Subspaces | None = None
 
     @property
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.b, self.a
 
 
-def subspace_weights(inp: MethodInput, norms: torch.Tensor) -> torch.Tensor:
-    """c_t: how much input t counts when the shared subspaces are chosen (from c_t·K_t).
+def rescaled_weights(weights: torch.Tensor, norms: torch.Tensor, beta: float) -> torch.Tensor:
+    """c_t with ‖c_t K_t‖ = λ_t = β n_t + (1−β)·mean_s n_s, where n_t = |w_t|·‖K_t‖.
 
-    |w_t| by default: a weight-0 input takes no rank, and merging (2X, w) equals merging
-    (X, 2w). `balance` gives each input with w_t ≠ 0 unit norm instead (c_t = 1/‖K_t‖).
+    The CtM authors' rescaling of the stack before the subspaces are chosen: β = 1 keeps
+    each input's own norm (|w_t| counts, a weight-0 input takes no rank, and merging
+    (2X, w) equals merging (X, 2w)); β = 0 puts every input at the mean norm. Inputs with
+    n_t = 0 stay at zero and are left out of the mean.
     """
-    weights = inp.weights.to(torch.float64).abs()
-    if not inp.balance:
-        return weights
-    keep = (weights > 0) & (norms > 0)
-    return torch.where(keep, 1.0 / torch.where(keep, norms, 1.0), 0.0)
+    scaled = weights.to(torch.float64).abs() * norms
+    active = scaled > 0
+    if not bool(active.any()):
+        return scaled
+    target = beta * scaled + (1.0 - beta) * scaled[active].mean()
+    return torch.where(active, target / torch.where(active, norms, 1.0), 0.0)
 
 
 def merge_ctm(inp: MethodInput) -> MethodOutput:
     space = core_space(inp.factors)
     norms = space.core_norms()
-    left, right = space.weighted_grams(subspace_weights(inp, norms))
     rank = min(inp.rank, space.left.dim, space.right.dim)
-    p, q = top_eigenvectors(left, rank), top_eigenvectors(right, rank)
-    coordinates = space.coordinates(p, q)
+    found = shared_subspaces(space.factor_stack(rescaled_weights(inp.weights, norms, inp.beta)),
+                             rank, inp.subspace)
+    coordinates = space.coordinates(found.p, found.q)
     merged = inp.rule(coordinates, inp.weights)
-    b_small, a_small = split_core(merged)
-    return MethodOutput(b=space.left.times(p @ b_small), a=space.right.times_t(a_small @ q.T),
-                        view=SubspaceView(merged, coordinates, norms))
+    b_small, a_small = split_core(merged, flat=inp.flat_spectrum)
+    return MethodOutput(b=space.left.times(found.p @ b_small),
+                        a=space.right.times_t(a_small @ found.q.T),
+                        view=SubspaceView(b_small @ a_small, coordinates, norms),
+                        subspaces=found)
 
 
 def merge_core(inp: MethodInput) -> MethodOutput:
     space = core_space(inp.factors)
-    cores = space.cores()
-    b_small, a_small = split_core(inp.rule(cores, inp.weights), inp.rank)
-    return MethodOutput(b=space.left.times(b_small), a=space.right.times_t(a_small),
+    u_b, u_a = space.svd_rotations()
+    cores = space.coordinates(u_b, u_a)
+    b_small, a_small = split_core(inp.rule(cores, inp.weights), inp.rank,
+                                  flat=inp.flat_spectrum)
+    return MethodOutput(b=space.left.times(u_b @ b_small), a=space.right.times_t(a_small @ u_a.T),
                         view=SubspaceView(b_small @ a_small, cores, space.core_norms()))
 
 
@@ -91,7 +110,10 @@ def merge_mtc(inp: MethodInput) -> MethodOutput:
         del deltas
         u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     rank = min(inp.rank, s.shape[0])
-    root = s[:rank].sqrt()
+    s = s[:rank]
+    if inp.flat_spectrum:
+        s = flatten_spectrum(s, numerical_rank(s, tuple(merged.shape), merged.dtype))
+    root = s.sqrt()
     return MethodOutput(b=u[:, :rank] * root, a=root.unsqueeze(1) * vh[:rank])
 
 
@@ -127,7 +149,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("cat", merge_cat, False, False,
                    "concatenate weighted factors: exact, rank = sum of input ranks"),
         MethodSpec("core", merge_core, True, True,
-                   "Core Space merging: rule on R×R cores, truncated to rank r"),
+                   "Core Space merging: rule on R×R cores (SVD bases), truncated to rank r"),
     )
 }
 

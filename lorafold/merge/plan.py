@@ -16,43 +16,51 @@ import torch
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
-from lorafold.merge.methods import MethodSpec, resolve_method
+from lorafold.merge.methods import DEFAULT_BETA, MethodSpec, resolve_method
 from lorafold.merge.rules import RuleParams, RuleSpec, check_rule_params, resolve_rule
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
 
 MAX_RANK = 4096
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-# Method/rule pairs that would run but give an arbitrary result, and why. iso makes every
-# non-zero singular value equal, so a method that truncates *after* the rule to rank r has
-# no preferred r-dimensional subspace left to keep; ctm chooses the subspace first.
-REFUSED_COMBINATIONS: dict[tuple[str, str], str] = {
-    ("core", "iso"): "iso flattens the spectrum of the R×R merged core, so truncating it to "
-                     "rank r would keep an arbitrary subspace",
-    ("mtc", "iso"): "iso flattens the spectrum of the dense merged delta (rank Σ r_t), so "
-                    "truncating it to rank r would keep an arbitrary subspace",
-}
+DEFAULT_METHOD = "ctm"
+DEFAULT_RULE = "ta"
 
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """What to merge and how. Weights default to 1 for every input."""
+    """What to merge and how. Weights default to 1 for every input; `beta` and `subspace`
+    (ctm only) default to DEFAULT_BETA and DEFAULT_SUBSPACE."""
 
-    method: str = "ctm"
-    rule: str = "ta"
+    method: str = DEFAULT_METHOD
+    rule: str = DEFAULT_RULE
     rank: int | None = None
     weights: tuple[float, ...] | None = None
     density: float | None = None
+    drop: float | None = None
     scale: float = 1.0
     seed: int = 0
-    balance: bool = False
+    beta: float | None = None
+    subspace: str | None = None
     force: bool = False
     dtype: str | None = None
 
+    @property
+    def ctm_beta(self) -> float:
+        return DEFAULT_BETA if self.beta is None else self.beta
+
+    @property
+    def ctm_subspace(self) -> str:
+        return DEFAULT_SUBSPACE if self.subspace is None else self.subspace
+
     def parameters(self) -> dict[str, object]:
-        """The request as recorded in lineage (enough to redo the merge exactly)."""
+        """The request as recorded in lineage (enough to redo the merge exactly); ctm's
+        defaults are written out, so a later change of default cannot change a re-merge."""
+        ctm = self.method == "ctm"
         return {"method": self.method, "rule": self.rule, "rank": self.rank,
-                "density": self.density, "scale": self.scale, "seed": self.seed,
-                "balance": self.balance, "dtype": self.dtype}
+                "density": self.density, "drop": self.drop, "scale": self.scale,
+                "seed": self.seed, "beta": self.ctm_beta if ctm else None,
+                "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -98,15 +106,26 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
     if not method.takes_rule and request.rule != "ta":
         raise InvalidRequest(f"method {method.name!r} is exact and takes no rule (it always "
                              "sums the weighted deltas)", code="invalid_parameter")
-    reason = REFUSED_COMBINATIONS.get((method.name, rule.name))
-    if reason is not None:
-        raise InvalidRequest(f"method {method.name} with rule {rule.name} is ill-defined: "
-                             f"{reason}; use ctm with {rule.name}", code="invalid_combination")
+    _check_ctm_options(method, request)
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}",
                              code="invalid_parameter")
-    params = check_rule_params(rule, request.density, request.scale)
+    params = check_rule_params(rule, request.density, request.drop, request.scale)
     return method, rule, params, tuple(float(w) for w in weights)
+
+
+def _check_ctm_options(method: MethodSpec, request: MergeRequest) -> None:
+    """beta and subspace shape CtM's shared subspaces; other methods have none."""
+    for name, value in (("beta", request.beta), ("subspace", request.subspace)):
+        if value is not None and method.name != "ctm":
+            raise InvalidRequest(f"{name} applies to method ctm only, not {method.name!r}",
+                                 code="invalid_parameter")
+    if request.beta is not None and not (0.0 <= request.beta <= 1.0):
+        raise InvalidRequest(f"beta must be in [0, 1], got {request.beta}",
+                             code="invalid_parameter")
+    if request.subspace is not None and request.subspace not in SUBSPACE_MODES:
+        raise InvalidRequest(f"subspace must be one of {', '.join(SUBSPACE_MODES)}, got "
+                             f"{request.subspace!r}", code="invalid_parameter")
 
 
 def unique_labels(labels: Sequence[str]) -> tuple[str, ...]:

@@ -7,6 +7,10 @@ Per module and input t (ΔW_t = s_t B_t A_t, ΔW* = B* A*):
 - cosine           ⟨ΔW*, ΔW_t⟩ / (‖ΔW*‖ ‖ΔW_t‖): how aligned the merged delta is with it.
 
 All are computed with r×r products (⟨BA, B'A'⟩ = Σ (BᵀB') ⊙ (AA'ᵀ)), never an m×n matrix.
+CtM also reports its shared subspaces per module (`subspace_summary`): the Tucker-2
+solver, its sweeps, and the share of the rescaled stack Σ‖X̃_t‖² that P, Q capture, at
+the HOSVD start and at the end.
+
 Methods that merge inside orthonormal bases L, R (ctm, core) hand over a `SubspaceView`
 instead: with ΔW* = L Y Rᵀ, both numbers only see Lᵀ ΔW_t R, so the report costs a few
 k×k products rather than T passes over the m- and n-sized factors.
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lorafold.merge.subspaces import Subspaces
 
 
 def _inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
@@ -107,3 +113,17 @@ def summarize(modules: dict[str, dict[str, dict[str, float]]],
             "mean_cosine": sum(r["cosine"] for r in rows) / n if n else None,
         })
     return {"inputs": per_input, "modules": modules}
+
+
+def subspace_summary(found: dict[str, Subspaces]) -> dict[str, Any]:
+    """CtM's subspace search per module, and its means over modules."""
+    modules = {name: {"sweeps": f.sweeps, "energy": f.energy, "start_energy": f.start_energy}
+               for name, f in found.items()}
+    n = len(modules)
+    return {
+        "mode": next(iter(found.values())).mode,
+        "mean_energy": sum(m["energy"] for m in modules.values()) / n,
+        "mean_start_energy": sum(m["start_energy"] for m in modules.values()) / n,
+        "max_sweeps": max(m["sweeps"] for m in modules.values()),
+        "modules": modules,
+    }

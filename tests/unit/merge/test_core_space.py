@@ -43,14 +43,14 @@ def ill_conditioned(m: int, n: int, ranks: tuple[int, ...], condition: float, se
 
 
 def merge(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
-          rank: int, rule: str = "ta", balance: bool = False) -> MethodOutput:
+          rank: int, rule: str = "ta", beta: float = 1.0) -> MethodOutput:
     def apply(stack: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return RULES[rule].fn(stack, w, RuleParams(density=0.5),
                               torch.Generator().manual_seed(0))
 
     return METHODS[method].fn(MethodInput(
         factors=factors, weights=torch.tensor(weights, dtype=torch.float64), rank=rank,
-        rule=apply, balance=balance))
+        rule=apply, flat_spectrum=RULES[rule].flat_spectrum, beta=beta))
 
 
 def dense(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_r_by_r_shortcuts_match_the_cores() -> None:
     space = core_space(factors)
     cores = space.cores()
     c = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
-    left, right = space.weighted_grams(c)
+    left, right = space.factor_stack(c).grams()
     assert rel_err(left, sum(w**2 * k @ k.T for w, k in zip(c, cores, strict=True))) < 1e-12
     assert rel_err(right, sum(w**2 * k.T @ k for w, k in zip(c, cores, strict=True))) < 1e-12
     p, q = torch.linalg.qr(gaussian(12, 4, seed=30).double())[0], \
@@ -130,19 +130,21 @@ def test_r_by_r_shortcuts_match_the_cores() -> None:
         assert rel_err(core_delta, dense(b, a)) < EXACT
 
 
-@pytest.mark.parametrize(("method", "rule", "balance", "rank", "ranks"), [
-    ("ctm", "ta", False, 5, (4, 6, 5)),
-    ("ctm", "ties", False, 4, (4, 6, 5)),
-    ("ctm", "dare", True, 6, (4, 6, 5)),
-    ("ctm", "ta", False, 9, (6,)),            # r > R: the merged core is rank deficient
-    ("core", "ties", False, 5, (4, 6, 5)),
-    ("core", "ta", False, 20, (4, 6, 5)),
+@pytest.mark.parametrize(("method", "rule", "beta", "rank", "ranks"), [
+    ("ctm", "ta", 1.0, 5, (4, 6, 5)),
+    ("ctm", "ties", 1.0, 4, (4, 6, 5)),
+    ("ctm", "dare", 0.0, 6, (4, 6, 5)),
+    ("ctm", "tsv", 0.25, 6, (4, 6, 5)),
+    ("ctm", "ta", 1.0, 9, (6,)),            # r > R: the merged core is rank deficient
+    ("core", "ties", 1.0, 5, (4, 6, 5)),
+    ("core", "iso", 1.0, 5, (4, 6, 5)),
+    ("core", "ta", 1.0, 20, (4, 6, 5)),
 ])
-def test_subspace_report_equals_the_factor_report(method: str, rule: str, balance: bool,
+def test_subspace_report_equals_the_factor_report(method: str, rule: str, beta: float,
                                                   rank: int, ranks: tuple[int, ...]) -> None:
     factors = [(gaussian(40, r, seed=40 + r), gaussian(r, 32, seed=50 + r)) for r in ranks]
     weights = [1.0, 0.0, -0.5][:len(ranks)]
-    out = merge(method, factors, weights, rank, rule, balance)
+    out = merge(method, factors, weights, rank, rule, beta)
     assert out.view is not None
     fast, slow = subspace_report(out.view), module_report(out.factors, factors)
     for got, want in zip(fast, slow, strict=True):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from lorafold.merge.methods import METHODS, MethodInput
-from lorafold.merge.plan import REFUSED_COMBINATIONS
 from lorafold.merge.rules import RULES, RuleParams
 
 EXACT = 1e-5
@@ -25,8 +24,8 @@ def factor_sets(ranks: tuple[int, ...], seed: int = 0) -> list[tuple[torch.Tenso
 
 
 def run(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
-        rank: int, rule: str = "ta", balance: bool = False, seed: int = 0, scale: float = 1.0,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        rank: int, rule: str = "ta", beta: float = 1.0, seed: int = 0, scale: float = 1.0,
+        subspace: str = "hooi") -> tuple[torch.Tensor, torch.Tensor]:
     spec = RULES[rule]
     params = RuleParams(density=0.5, scale=scale)
 
@@ -35,7 +34,7 @@ def run(method: str, factors: list[tuple[torch.Tensor, torch.Tensor]], weights: 
 
     return METHODS[method].fn(MethodInput(
         factors=factors, weights=torch.tensor(weights, dtype=torch.float64), rank=rank,
-        rule=apply, balance=balance)).factors
+        rule=apply, flat_spectrum=spec.flat_spectrum, beta=beta, subspace=subspace)).factors
 
 
 def delta(factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -83,11 +82,56 @@ def test_core_ta_truncated_equals_mtc_ta() -> None:
                    delta(run("mtc", factors, weights, rank=5))) < EXACT
 
 
-@pytest.mark.parametrize(("method", "rule"),
-                         [(m, r) for m in ("ctm", "core", "mtc") for r in RULES
-                          if (m, r) not in REFUSED_COMBINATIONS])
-def test_rank_never_exceeds_r(method: str, rule: str) -> None:
-    merged = run(method, factor_sets((4, 6, 5), seed=3), [1.0, 1.0, -0.5], rank=4, rule=rule)
+def truncate_then_flatten(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(matrix)
+    return (u[:, :rank] * s[:rank].mean()) @ vh[:rank]
+
+
+@pytest.mark.parametrize("method", ["mtc", "core"])
+def test_iso_after_truncation_is_truncate_then_flatten(method: str) -> None:
+    """Iso-C as the CtM paper's merge-then-compress baseline: the best rank-r approximation
+    of Σ w_t ΔW_t with its r singular values replaced by their mean."""
+    factors = factor_sets((4, 6, 3), seed=8)
+    weights = [1.0, 0.5, -1.0]
+    total = sum(w * delta(f) for w, f in zip(weights, factors, strict=True))
+    assert isinstance(total, torch.Tensor)
+    merged = delta(run(method, factors, weights, rank=5, rule="iso"))
+    assert rel_err(merged, truncate_then_flatten(total, 5)) < EXACT
+
+
+def test_core_ties_is_ties_on_cores_in_the_svd_bases() -> None:
+    """Core Space merging (arXiv 2509.17786): M_t = U_Bᵀ B_t A_t V_A with U_B the left
+    singular vectors of [B_1 … B_T] and V_A the right ones of [A_1; …; A_T], the rule on
+    the M_t, then truncation to rank r; here with dense float64 SVDs."""
+    factors = factor_sets((4, 6, 3), seed=9)
+    weights = [1.0, 0.7, 1.3]
+    b64 = torch.cat([b.double() for b, _ in factors], dim=1)
+    a64 = torch.cat([a.double() for _, a in factors], dim=0)
+    u_b = torch.linalg.svd(b64, full_matrices=False)[0]
+    v_a = torch.linalg.svd(a64, full_matrices=False)[2].T
+    cores = torch.stack([u_b.T @ delta(f) @ v_a for f in factors])
+    merged = RULES["ties"].fn(cores, torch.tensor(weights, dtype=torch.float64),
+                              RuleParams(density=0.5), None)
+    u, s, vh = torch.linalg.svd(u_b @ merged @ v_a.T)
+    expected = (u[:, :5] * s[:5]) @ vh[:5]
+    assert rel_err(delta(run("core", factors, weights, rank=5, rule="ties")), expected) < 1e-4
+
+
+@pytest.mark.parametrize("rule", ["ta", "iso"])
+def test_core_equals_mtc_for_rotation_invariant_rules(rule: str) -> None:
+    factors = factor_sets((5, 4, 6), seed=10)
+    weights = [0.4, -1.0, 0.9]
+    assert rel_err(delta(run("core", factors, weights, rank=6, rule=rule)),
+                   delta(run("mtc", factors, weights, rank=6, rule=rule))) < EXACT
+
+
+@pytest.mark.parametrize(("method", "rule", "beta", "subspace"),
+                         [(m, r, 1.0, "hooi") for m in ("ctm", "core", "mtc") for r in RULES]
+                         + [("ctm", r, b, s) for r in RULES for b in (0.0, 0.25)
+                            for s in ("hooi", "hosvd")])
+def test_rank_never_exceeds_r(method: str, rule: str, beta: float, subspace: str) -> None:
+    merged = run(method, factor_sets((4, 6, 5), seed=3), [1.0, 1.0, -0.5], rank=4, rule=rule,
+                 beta=beta, subspace=subspace)
     assert merged[0].shape[1] <= 4 and merged[1].shape[0] <= 4
     assert int(torch.linalg.matrix_rank(delta(merged))) <= 4
 
@@ -105,21 +149,24 @@ def regauge(factors: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
     return out
 
 
-@pytest.mark.parametrize(("method", "rule", "balance"),
-                         [("ctm", r, False) for r in RULES] + [("ctm", "ta", True)]
-                         + [("core", "ta", False), ("mtc", "ties", False)])
-def test_gauge_invariance(method: str, rule: str, balance: bool) -> None:
+@pytest.mark.parametrize(("method", "rule", "beta", "subspace"),
+                         [("ctm", r, b, s) for r in RULES for b in (1.0, 0.25, 0.0)
+                          for s in ("hooi", "hosvd")]
+                         + [("core", "ta", 1.0, "hooi"), ("core", "iso", 1.0, "hooi"),
+                            ("mtc", "ties", 1.0, "hooi"), ("mtc", "tsv", 1.0, "hooi")])
+def test_gauge_invariance(method: str, rule: str, beta: float, subspace: str) -> None:
     """Splitting ΔW_t differently into B_t, A_t must not change the merge.
 
-    ctm's rules act on coordinates C_t = U_rᵀ ΔW_t V_r, which depend on ΔW_t only, so every
-    rule is invariant. `core`'s K_t are expressed in a QR basis that the gauge rotates, so
-    only rotation-invariant rules (ta) are invariant there; entry-wise rules are not.
+    ctm's rules act on coordinates C_t = Pᵀ K_t Q in bases fixed by the deltas alone (up
+    to signs, which every rule respects), so every rule, β and subspace mode is invariant.
+    `core`'s K_t are expressed in the SVD bases of the stacked factors, which the gauge
+    changes, so only rotation-invariant rules (ta, iso) are invariant there.
     """
     factors = factor_sets((4, 6, 5), seed=4)
     weights = [1.0, 0.6, -0.4]
-    before = delta(run(method, factors, weights, rank=5, rule=rule, balance=balance))
-    after = delta(run(method, regauge(factors, seed=5), weights, rank=5, rule=rule,
-                      balance=balance))
+    options = {"rank": 5, "rule": rule, "beta": beta, "subspace": subspace}
+    before = delta(run(method, factors, weights, **options))  # type: ignore[arg-type]
+    after = delta(run(method, regauge(factors, seed=5), weights, **options))  # type: ignore[arg-type]
     assert rel_err(after, before) < 1e-4
 
 
@@ -130,8 +177,10 @@ def test_ctm_subspaces_ignore_zero_weight_inputs() -> None:
     assert rel_err(with_zero, alone) < EXACT
 
 
-def test_ctm_beats_nothing_and_balance_shares_the_subspace() -> None:
-    """A 100× larger input takes the subspace; `balance` gives the small one its share."""
+@pytest.mark.parametrize("subspace", ["hooi", "hosvd"])
+def test_beta_shares_the_subspace_with_a_small_input(subspace: str) -> None:
+    """A 100× larger input takes the subspace at β = 1; lower β gives the small one a
+    share that grows as β falls."""
     big, small = factor_sets((4, 4), seed=7)
     factors = [(big[0] * 100, big[1]), small]
 
@@ -140,9 +189,10 @@ def test_ctm_beats_nothing_and_balance_shares_the_subspace() -> None:
         target = delta(small)
         return float((u.T @ target).norm() ** 2 / target.norm() ** 2)
 
-    plain = captured(run("ctm", factors, [1.0, 1.0], rank=4))
-    balanced = captured(run("ctm", factors, [1.0, 1.0], rank=4, balance=True))
-    assert balanced > plain + 0.1
+    shares = [captured(run("ctm", factors, [1.0, 1.0], rank=4, beta=beta, subspace=subspace))
+              for beta in (1.0, 0.5, 0.0)]
+    assert shares[0] + 0.1 < shares[2]
+    assert shares[0] <= shares[1] + 1e-9 and shares[1] <= shares[2] + 1e-9
 
 
 def test_methods_registry_is_complete() -> None:
