@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafold.jobs import JobStatus, JobType
 from lorafold.merge import METHODS, RULES, MergeRequest
+from lorafold.merge.methods import DEFAULT_BETA
+from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE
+from lorafold.merge.rules import DEFAULT_DENSITY, DEFAULT_DROP
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE
 from lorafold.service.unlearning import UnlearnSpec
 
 ADAPTER_EXAMPLE: dict[str, Any] = {
@@ -86,23 +90,39 @@ class MergeInput(BaseModel):
 
 
 class MergeCreate(BaseModel):
-    """A merge request. `rank` is required by every method but `cat`."""
+    """A merge request. `rank` is required by every method but `cat`; an option left out
+    (or null) takes its default."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "adapters": [{"id": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "weight": 1.0},
                      {"id": "ad_1d2e3f4a5b6c4d7e8f9a0b1c2d3e4f5a", "weight": 0.5}],
-        "method": "ctm", "rule": "ties", "rank": 16, "density": 0.5,
+        "method": "ctm", "rule": "ties", "rank": 16, "density": 0.25, "beta": 0.25,
         "name": "support+billing"}]})
 
     adapters: list[MergeInput] = Field(min_length=1, max_length=64)
-    method: str = Field(default="ctm", description=f"one of {', '.join(sorted(METHODS))}")
-    rule: str = Field(default="ta", description=f"one of {', '.join(sorted(RULES))}")
+    method: str = Field(default=DEFAULT_METHOD,
+                        description=f"one of {', '.join(sorted(METHODS))}")
+    rule: str = Field(default=DEFAULT_RULE, description=f"one of {', '.join(sorted(RULES))}")
     rank: int | None = Field(default=None, description="output rank r")
-    density: float | None = Field(default=None, description="ties/dare keep fraction")
-    scale: float = Field(default=1.0, description="global scale λ on the merged delta")
+    density: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description=f"ties, dare_ties: fraction of entries the trim keeps, in (0, 1] "
+                    f"(default {DEFAULT_DENSITY})")
+    drop: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description=f"dare, dare_ties: drop rate in [0, 1) (default {DEFAULT_DROP})")
+    scale: float = Field(default=1.0, allow_inf_nan=False,
+                         description="global scale λ on the merged delta")
     seed: int = Field(default=0, description="seed of dare's random drop")
-    balance: bool = Field(default=False,
-                          description="ctm: equal say for every input in the subspaces")
+    beta: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description="ctm: β ∈ [0, 1] rescaling of the inputs before the shared subspaces are "
+                    "chosen: 1 = as they are, 0 = all at the mean norm "
+                    f"(default {DEFAULT_BETA})")
+    subspace: Literal["hooi", "hosvd"] | None = Field(
+        default=None, description="ctm: how the shared subspaces are found: hooi (HOSVD "
+                                  f"start, then HOOI sweeps) or hosvd (default "
+                                  f"{DEFAULT_SUBSPACE})")
     force: bool = Field(default=False, description="merge adapters of different base models")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     name: str | None = Field(default=None, max_length=200)
@@ -110,8 +130,9 @@ class MergeCreate(BaseModel):
     def to_request(self) -> MergeRequest:
         return MergeRequest(method=self.method, rule=self.rule, rank=self.rank,
                             weights=tuple(a.weight for a in self.adapters),
-                            density=self.density, scale=self.scale, seed=self.seed,
-                            balance=self.balance, force=self.force, dtype=self.dtype)
+                            density=self.density, drop=self.drop, scale=self.scale,
+                            seed=self.seed, beta=self.beta, subspace=self.subspace,
+                            force=self.force, dtype=self.dtype)
 
 
 class DatasetPublic(BaseModel):
@@ -158,7 +179,8 @@ class UnlearningCreate(BaseModel):
                               description="remove: constituent adapter ids to drop")
     forget_adapter: str | None = Field(default=None, max_length=128,
                                        description="negate: the adapter to subtract")
-    strength: float = Field(default=1.0, description="negate: λ in adapter − λ·forget")
+    strength: float = Field(default=1.0, allow_inf_nan=False,
+                            description="negate: λ in adapter − λ·forget")
     rank: int | None = Field(default=None, description="negate: output rank (default: the "
                                                        "adapter's r)")
     base_model: str | None = Field(default=None, max_length=256,
@@ -173,6 +195,22 @@ class UnlearningCreate(BaseModel):
                                                description="overrides of the method's "
                                                            "defaults (lr, max_steps, ...)")
     name: str | None = Field(default=None, max_length=200)
+
+    @field_validator("hyperparams")
+    @classmethod
+    def _finite_hyperparams(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        def finite(item: Any) -> bool:
+            if isinstance(item, float):
+                return math.isfinite(item)
+            if isinstance(item, list):
+                return all(finite(v) for v in item)
+            if isinstance(item, dict):
+                return all(finite(v) for v in item.values())
+            return True
+
+        if value is not None and not finite(value):
+            raise ValueError("hyperparameters must be finite numbers")
+        return value
 
     def to_spec(self) -> UnlearnSpec:
         return UnlearnSpec(method=self.method, adapter=self.adapter, remove=tuple(self.remove),

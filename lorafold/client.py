@@ -179,17 +179,23 @@ class LorafoldClient:
     # -- merges, unlearning and jobs ------------------------------------------------------
 
     def merge(self, adapter_ids: Sequence[str], *, weights: Sequence[float] | None = None,
-              method: str = "ctm", rule: str = "ta", rank: int | None = None,
-              density: float | None = None, scale: float = 1.0, seed: int = 0,
-              balance: bool = False, force: bool = False, dtype: str | None = None,
-              name: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+              method: str | None = None, rule: str | None = None, rank: int | None = None,
+              density: float | None = None, drop: float | None = None, scale: float = 1.0,
+              seed: int = 0, beta: float | None = None, subspace: str | None = None,
+              force: bool = False, dtype: str | None = None, name: str | None = None,
+              idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a merge job; fields as in POST /v1/merges. Options left at None are not
+        sent, so the service's defaults apply (method and rule: `DEFAULT_METHOD` and
+        `DEFAULT_RULE` of lorafold.merge.plan; beta, subspace, drop: the core's)."""
         weights = list(weights) if weights is not None else [1.0] * len(adapter_ids)
+        options = {"method": method, "rule": rule, "rank": rank, "density": density,
+                   "drop": drop, "beta": beta, "subspace": subspace, "dtype": dtype,
+                   "name": name}
         body: dict[str, Any] = {
             "adapters": [{"id": i, "weight": w} for i, w in zip(adapter_ids, weights,
                                                                   strict=True)],
-            "method": method, "rule": rule, "rank": rank, "density": density,
-            "scale": scale, "seed": seed, "balance": balance, "force": force,
-            "dtype": dtype, "name": name}
+            "scale": scale, "seed": seed, "force": force,
+            **{key: value for key, value in options.items() if value is not None}}
         result: dict[str, Any] = self._request(
             "POST", "/v1/merges", json=body, headers=self._idempotency(idempotency_key)).json()
         return result

@@ -16,10 +16,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lorafold.cli.merge_cmd import parse_weights
+from lorafold.cli.merge_cmd import (
+    BETA_HELP,
+    DENSITY_HELP,
+    DROP_HELP,
+    SUBSPACE_HELP,
+    parse_weights,
+)
 from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
+from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE, OUTPUT_DTYPES
+from lorafold.merge.subspaces import SUBSPACE_MODES
 from lorafold.settings import ClientSettings
 
 
@@ -123,9 +131,9 @@ def run(args: argparse.Namespace) -> int:
         elif action == "merge":
             job = client.merge(args.adapter_ids, weights=parse_weights(args.weights),
                                method=args.method, rule=args.rule, rank=args.rank,
-                               density=args.density, scale=args.scale, seed=args.seed,
-                               balance=args.balance, force=args.force, dtype=args.dtype,
-                               name=args.name)
+                               density=args.density, drop=args.drop, scale=args.scale,
+                               seed=args.seed, beta=args.beta, subspace=args.subspace,
+                               force=args.force, dtype=args.dtype, name=args.name)
             if args.wait:
                 return _finished(wait_with_bar(client, job["id"], args.timeout), args.quiet)
             _show(job, args.quiet)
@@ -178,16 +186,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     merge = actions.add_parser("merge", help="merge adapters (a job)")
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
-    merge.add_argument("--method", default="ctm")
-    merge.add_argument("--rule", default="ta")
-    merge.add_argument("--rank", type=int)
-    merge.add_argument("--weights", help="comma-separated, one per adapter")
-    merge.add_argument("--density", type=float)
-    merge.add_argument("--scale", type=float, default=1.0)
-    merge.add_argument("--seed", type=int, default=0)
-    merge.add_argument("--balance", action="store_true")
-    merge.add_argument("--force", action="store_true")
-    merge.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    merge.add_argument("--method", help=f"merge method (default {DEFAULT_METHOD})")
+    merge.add_argument("--rule", help=f"merge rule (default {DEFAULT_RULE})")
+    merge.add_argument("--rank", type=int, help="output rank r (not for cat)")
+    merge.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
+    merge.add_argument("--density", type=float, help=DENSITY_HELP)
+    merge.add_argument("--drop", type=float, help=DROP_HELP)
+    merge.add_argument("--scale", type=float, default=1.0,
+                       help="global scale λ on the merged delta (default 1)")
+    merge.add_argument("--seed", type=int, default=0,
+                       help="seed for dare's random drop (default 0)")
+    merge.add_argument("--beta", type=float, help=BETA_HELP)
+    merge.add_argument("--subspace", choices=SUBSPACE_MODES, help=SUBSPACE_HELP)
+    merge.add_argument("--force", action="store_true",
+                       help="merge adapters of different base models")
+    merge.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
+                       help="output dtype (default: the first input's)")
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
     merge.add_argument("--timeout", type=float, default=3600.0)

@@ -10,6 +10,17 @@ from tqdm import tqdm
 
 from lorafold.errors import InvalidRequest
 from lorafold.merge import METHODS, RULES, MergeRequest, merge_adapters
+from lorafold.merge.methods import DEFAULT_BETA
+from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE, OUTPUT_DTYPES
+from lorafold.merge.rules import DEFAULT_DENSITY, DEFAULT_DROP
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
+
+BETA_HELP = (f"ctm: β ∈ [0, 1] rescaling of the inputs before the shared subspaces are chosen: "
+             f"1 = as they are, 0 = all at the mean norm (default {DEFAULT_BETA})")
+SUBSPACE_HELP = ("ctm: how the shared subspaces are found: hooi (HOSVD start, then HOOI "
+                 f"sweeps) or hosvd (default {DEFAULT_SUBSPACE})")
+DENSITY_HELP = f"ties/dare_ties: fraction of entries kept by the trim (default {DEFAULT_DENSITY})"
+DROP_HELP = f"dare/dare_ties: drop rate in [0, 1) (default {DEFAULT_DROP})"
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -29,17 +40,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="adapter dir or archive")
     p.add_argument("--out", required=True, type=Path, help="output adapter directory")
     p.add_argument("--rank", type=int, help="output rank r (not for cat)")
-    p.add_argument("--method", default="ctm", choices=sorted(METHODS))
-    p.add_argument("--rule", default="ta", choices=sorted(RULES))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help=f"merge method (default {DEFAULT_METHOD})")
+    p.add_argument("--rule", default=DEFAULT_RULE, choices=sorted(RULES),
+                   help=f"merge rule (default {DEFAULT_RULE}; cat takes only ta)")
     p.add_argument("--weights", help="comma-separated weight per input (default 1 each)")
-    p.add_argument("--density", type=float, help="ties/dare keep fraction (default 0.5)")
-    p.add_argument("--scale", type=float, default=1.0, help="global scale λ on the merged delta")
-    p.add_argument("--seed", type=int, default=0, help="seed for dare's random drop")
-    p.add_argument("--balance", action="store_true",
-                   help="ctm: give every input equal say in the shared subspaces")
+    p.add_argument("--density", type=float, help=DENSITY_HELP)
+    p.add_argument("--drop", type=float, help=DROP_HELP)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="global scale λ on the merged delta (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for dare's random drop (default 0)")
+    p.add_argument("--beta", type=float, help=BETA_HELP)
+    p.add_argument("--subspace", choices=SUBSPACE_MODES, help=SUBSPACE_HELP)
     p.add_argument("--force", action="store_true", help="merge adapters of different base models")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
                    help="output dtype (default: the first input's)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,8 +64,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace) -> int:
     request = MergeRequest(method=args.method, rule=args.rule, rank=args.rank,
                            weights=parse_weights(args.weights), density=args.density,
-                           scale=args.scale, seed=args.seed, balance=args.balance,
-                           force=args.force, dtype=args.dtype)
+                           drop=args.drop, scale=args.scale, seed=args.seed, beta=args.beta,
+                           subspace=args.subspace, force=args.force, dtype=args.dtype)
     bar: tqdm | None = None
 
     def progress(stage: str, fraction: float) -> None:
@@ -77,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
     rank = result.lineage["parameters"]["output_rank"]
     print(f"wrote {result.out_dir} ({args.method}/{args.rule}, rank {rank}, "
           f"{len(result.report['modules'])} modules, {result.wall_time_s:.2f}s)")
+    subspaces = result.report.get("subspaces")
+    if subspaces:  # ctm: how well the shared subspaces hold the (rescaled) inputs
+        start = ("" if subspaces["mode"] == "hosvd"
+                 else f" ({subspaces['mean_start_energy']:.4f} at the HOSVD start)")
+        print(f"subspaces: {subspaces['mode']}, max {subspaces['max_sweeps']} sweeps, "
+              f"mean captured energy {subspaces['mean_energy']:.4f}{start}")
     print(f"{'input':<48} {'modules':>7} {'energy':>8} {'cosine':>8}")
     for row in result.report["inputs"]:
         energy = "-" if row["mean_energy"] is None else f"{row['mean_energy']:.4f}"

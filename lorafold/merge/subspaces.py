@@ -38,8 +38,11 @@ from lorafold.merge.threads import big_op
 SubspaceMode = Literal["hooi", "hosvd"]
 SUBSPACE_MODES: tuple[str, ...] = ("hooi", "hosvd")
 DEFAULT_SUBSPACE: SubspaceMode = "hooi"
-HOOI_TOL = 1e-6
-HOOI_MAX_SWEEPS = 200
+# Stop when a sweep raises E by less than this (relative). Measured on random T = 8, r = 16
+# stacks (flat spectra, HOOI's slowest case): 1e-4 keeps 99.7–99.8 % of the energy gain of
+# a run to 1e-9 in 19–27 sweeps instead of 180–350; 1e-3 keeps 99 % in 8–10.
+HOOI_TOL = 1e-4
+HOOI_MAX_SWEEPS = 100
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,13 @@ def _merge_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
 def merge_summary(result: MergeResult) -> dict[str, Any]:
     """The merge report as a job result shows it: per-input means, sizes, time. (The
     per-module report stays with the adapter, in lorafold.json.)"""
-    return {
+    summary = {
         "inputs": result.report["inputs"],
         "module_count": len(result.report["modules"]),
         "output_rank": result.lineage["parameters"]["output_rank"],
         "merge_time_s": round(result.wall_time_s, 3),
     }
+    if "subspaces" in result.report:
+        summary["subspaces"] = {k: v for k, v in result.report["subspaces"].items()
+                                if k != "modules"}
+    return summary

@@ -35,9 +35,12 @@ def merge_params(adapter_ids: Sequence[str], request: MergeRequest, name: str,
 
 
 def request_from_params(params: dict[str, Any]) -> MergeRequest:
-    """Inverse of `merge_params` for the job body."""
+    """Inverse of `merge_params` for the job body. A job queued before `beta` replaced
+    `balance` still runs: `balance: true` meant β = 0."""
     fields = dict(params["request"])
     fields["weights"] = tuple(fields["weights"])
+    if fields.pop("balance", False) and fields.get("beta") is None:
+        fields["beta"] = 0.0
     return MergeRequest(**fields)
 
 

@@ -1,10 +1,12 @@
 """Unlearning without data: exact removal from a merge, and negation of a forget adapter.
 
-`remove` re-merges the constituents that remain, with the method, rule, weights, rank and
-seed recorded in the merged adapter's lineage. Since every merge is a deterministic function
-of its inputs and parameters (dare's random draws are keyed by seed and module name), the
-result is the very merge one would get from the remaining adapters directly: identical
-up to float round-off of the same operations (the tests assert 1e-6 relative).
+`remove` re-merges the constituents that remain, with the method, rule, weights, rank,
+seed and options recorded in the merged adapter's lineage (lineage written before `beta`,
+`subspace` and `drop` existed is read with the meaning it had then). Since every merge is
+a deterministic function of its inputs and parameters (dare's random draws are keyed by
+seed and module name), the result is the very merge one would get from the remaining
+adapters directly: identical up to float round-off of the same operations (the tests
+assert 1e-6 relative).
 
 `negate` subtracts λ·(forget adapter) from a target and re-compresses to rank r with CtM
 (weights [1, −λ]): the weight negates the delta, never both factors (−B·−A = BA).
@@ -43,12 +45,32 @@ def merge_lineage_of(adapter_dir: Path) -> dict[str, Any]:
     return check_merge_lineage(read_lineage(adapter_dir))
 
 
+# Before `beta`, `subspace` and `drop` existed, lineage recorded `balance` (bool), ctm's
+# subspaces were always the HOSVD ones, and dare/dare_ties used `density` as their keep
+# probability (default 0.5) with no ties trim in dare_ties.
+_LEGACY_DARE_DENSITY = 0.5
+
+
 def _request_from(parameters: Mapping[str, Any], weights: Sequence[float]) -> MergeRequest:
-    return MergeRequest(method=parameters["method"], rule=parameters["rule"],
-                        rank=parameters["rank"], weights=tuple(weights),
-                        density=parameters.get("density"), scale=parameters.get("scale", 1.0),
-                        seed=parameters.get("seed", 0), balance=parameters.get("balance", False),
-                        force=True, dtype=parameters.get("dtype"))
+    """The MergeRequest that redoes a recorded merge, from lineage of any lorafold version.
+
+    Lineage written before `beta`/`subspace`/`drop` is read with the meaning it had then:
+    ctm gets `subspace="hosvd"` and `beta` 0 (`balance: true`) or 1; dare's `density` d
+    becomes `drop = 1 − d`, and dare_ties also gets `density=1` (no trim).
+    """
+    method, rule = parameters["method"], parameters["rule"]
+    ctm = method == "ctm"
+    density, drop = parameters.get("density"), parameters.get("drop")
+    if "drop" not in parameters and rule in ("dare", "dare_ties"):
+        keep = _LEGACY_DARE_DENSITY if density is None else float(density)
+        drop, density = 1.0 - keep, (1.0 if rule == "dare_ties" else None)
+    legacy_beta = (0.0 if parameters.get("balance") else 1.0) if ctm else None
+    beta = parameters.get("beta", legacy_beta)
+    subspace = parameters.get("subspace", "hosvd" if ctm else None)
+    return MergeRequest(method=method, rule=rule, rank=parameters["rank"],
+                        weights=tuple(weights), density=density, drop=drop,
+                        scale=parameters.get("scale", 1.0), seed=parameters.get("seed", 0),
+                        beta=beta, subspace=subspace, force=True, dtype=parameters.get("dtype"))
 
 
 def remaining_inputs(lineage: Mapping[str, Any], remove: Sequence[str]) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ class Hyperparams:
     beta: float = 0.1              # npo inverse temperature
     layers: tuple[int, ...] | None = None  # feature_alignment: decoder layers (1..L, or -1..-L)
     residual_rank: int | None = None       # feature_alignment: None = the original's rank
-    balance: bool = True           # feature_alignment: CtM consolidation with balanced inputs
+    consolidation_beta: float = 0.0  # feature_alignment: CtM β of the consolidation (0: balanced)
     eval_every: int = 5            # gold-free stopping check period (steps)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -59,6 +59,7 @@ class Hyperparams:
             (self.retain_weight >= 0, "retain_weight must be >= 0"),
             (self.forget_weight > 0, "forget_weight must be > 0"),
             (self.beta > 0, "beta must be > 0"),
+            (0.0 <= self.consolidation_beta <= 1.0, "consolidation_beta must be in [0, 1]"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.max_grad_norm > 0, "max_grad_norm must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -241,7 +242,9 @@ def resolve_hyperparams(method: str, given: Hyperparams | Mapping[str, Any] | No
     known = {f.name for f in dataclasses.fields(Hyperparams)}
     unknown = sorted(set(given) - known)
     if unknown:
-        raise InvalidRequest(f"hyperparameters: unknown {', '.join(unknown)}; known: "
+        hint = (" (balance was replaced by consolidation_beta: 0 = balanced, 1 = as they are)"
+                if "balance" in unknown else "")
+        raise InvalidRequest(f"hyperparameters: unknown {', '.join(unknown)}{hint}; known: "
                              f"{', '.join(sorted(known))}", code="invalid_hyperparameters")
     values = dict(given)
     if values.get("layers") is not None:
@@ -255,6 +258,10 @@ def resolve_hyperparams(method: str, given: Hyperparams | Mapping[str, Any] | No
                     raise InvalidRequest(f"hyperparameters: {field.name} must be true or false",
                                          code="invalid_hyperparameters")
                 continue
+            if isinstance(values[field.name], bool):
+                raise InvalidRequest(f"hyperparameters: {field.name} must be a "
+                                     f"{kind.__name__}, got {values[field.name]!r}",
+                                     code="invalid_hyperparameters")
             try:
                 if kind is int and not float(values[field.name]).is_integer():
                     raise ValueError

@@ -9,8 +9,9 @@ original's):
   the original by Compress-then-Merge (task arithmetic, weights 1 and 1) at the original's
   rank. That truncation is lossy and, left to singular values alone, drops most of the
   residual: it is a small correction next to the original, yet it is what does the
-  forgetting. So the consolidation is *balanced* by default (each input normalised before
-  the shared subspace is chosen; hyperparameter `balance`). "After" metrics are measured on
+  forgetting. So the consolidation is *balanced* by default: CtM's β = 0 puts both inputs
+  at their mean norm before the shared subspaces are chosen (hyperparameter
+  `consolidation_beta`; 1 = inputs as they are). "After" metrics are measured on
   the consolidated adapter (the real output); the stacked model's are reported beside them
   (`before_consolidation`) with the share of each input the output keeps.
 
@@ -125,7 +126,7 @@ def _check_finite(model: UnlearnModel) -> None:
 
 
 def _write_output(model: UnlearnModel, spec: MethodSpec, original: LoraAdapter, *,
-                  rank: int, balance: bool, staging: Path, device: torch.device
+                  rank: int, beta: float, staging: Path, device: torch.device
                   ) -> tuple[int, dict[str, Any] | None]:
     """Write the output adapter into staging/'adapter'; its rank and consolidation record."""
     _check_finite(model)
@@ -136,8 +137,7 @@ def _write_output(model: UnlearnModel, spec: MethodSpec, original: LoraAdapter, 
     from lorafold.merge import MergeRequest, merge_adapters
 
     residual = model.save_adapter(RESIDUAL, staging / "residual")
-    request = MergeRequest(method="ctm", rule="ta", rank=rank, weights=(1.0, 1.0),
-                           balance=balance)
+    request = MergeRequest(method="ctm", rule="ta", rank=rank, weights=(1.0, 1.0), beta=beta)
     result = merge_adapters([original, residual], target, request, device=str(device))
     shutil.rmtree(residual, ignore_errors=True)
     with open_adapter(result.out_dir) as written:
@@ -182,8 +182,8 @@ def unlearn(*, base_model_dir: Path, adapter_dir: Path, forget: TextDataset,
             staging = staging_dir(out_dir)
             try:
                 out_rank, consolidation = _write_output(
-                    model, spec, original, rank=metrics["original_rank"], balance=hp.balance,
-                    staging=staging, device=compute_device)
+                    model, spec, original, rank=metrics["original_rank"],
+                    beta=hp.consolidation_beta, staging=staging, device=compute_device)
                 metrics["output_rank"] = out_rank
                 if consolidation is not None:
                     metrics["consolidation"] = consolidation

@@ -4,6 +4,7 @@ by calling the RQ entry point directly (as the work horse would)."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE
 from lorafold.service.context import ServiceContext
 from lorafold.synthetic import write_random_adapter
 from tests.integration.service.conftest import KEYS
@@ -65,6 +67,64 @@ def test_upload_merge_run_download(api: TestClient, ctx: ServiceContext, tmp_pat
                                           "lorafold.json"]
     assert api.delete(f"/v1/adapters/{output}").status_code == 204
     assert api.get(f"/v1/adapters/{output}").status_code == 404
+
+
+def test_merge_options_reach_the_lineage(api: TestClient, tmp_path: Path) -> None:
+    ids = [upload(api, write_random_adapter(tmp_path / f"a{i}", SHAPES, rank=3, seed=i),
+                  f"a{i}")["id"] for i in range(2)]
+    options = {"method": "ctm", "rule": "dare_ties", "rank": 4, "density": 0.3, "drop": 0.2,
+               "beta": 0.25, "subspace": "hosvd", "seed": 5}
+    response = api.post("/v1/merges", json={"adapters": [{"id": i} for i in ids], **options})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    tasks.run_merge(job_id)
+    done = api.get(f"/v1/jobs/{job_id}").json()
+    assert done["status"] == "succeeded", done
+    download = api.get(f"/v1/adapters/{done['result']['adapter_id']}/download")
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
+        member = tar.extractfile("lorafold.json")
+        assert member is not None
+        written = json.loads(member.read())
+    assert {k: written["parameters"][k] for k in options} == options
+    assert written["report"]["subspaces"]["mode"] == "hosvd"
+
+    nulls = {"beta": None, "subspace": None, "drop": None, "density": None}
+    defaults = api.post("/v1/merges", json={"adapters": [{"id": ids[0]}], "rank": 2, **nulls})
+    assert defaults.status_code == 202, defaults.text  # null: the default
+    request = defaults.json()["params"]["request"]
+    assert (request["method"], request["rule"]) == (DEFAULT_METHOD, DEFAULT_RULE)
+
+
+def test_bad_merge_options_are_refused_before_a_job(api: TestClient) -> None:
+    jobs_before = api.get("/v1/jobs").json()["count"]
+    base = {"adapters": [{"id": "ad_x"}], "method": "ctm", "rank": 4}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"beta": 1.5}, "invalid_parameter"),
+        ({"beta": -0.1}, "invalid_parameter"),
+        ({"method": "mtc", "beta": 0.5}, "invalid_parameter"),
+        ({"method": "mtc", "subspace": "hooi"}, "invalid_parameter"),
+        ({"rule": "dare", "density": 0.5}, "invalid_parameter"),
+        ({"rule": "dare", "drop": 1.0}, "invalid_parameter"),
+        ({"rule": "ties", "drop": 0.2}, "invalid_parameter"),
+        ({"subspace": "x"}, "request_validation_failed"),
+        ({"beta": "high"}, "request_validation_failed"),
+        ({"balance": True}, "request_validation_failed"),
+    ]
+    for extra, code in cases:
+        response = api.post("/v1/merges", json={**base, **extra})
+        assert response.status_code == 422, (extra, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["code"] == code, extra
+    for field in ("beta", "drop", "density", "scale"):
+        for value in ("NaN", "Infinity", "-Infinity"):  # Python's json accepts these
+            raw = f'{{"adapters": [{{"id": "ad_x"}}], "rank": 4, "{field}": {value}}}'
+            response = api.post("/v1/merges", content=raw.encode(),
+                                headers={"Content-Type": "application/json"})
+            assert response.status_code == 422, (field, value, response.text)
+            body = response.json()
+            assert body["code"] == "request_validation_failed"
+            assert body["errors"][0]["loc"] == ["body", field]
+    assert api.get("/v1/jobs").json()["count"] == jobs_before
 
 
 def test_a_retried_job_overwrites_its_output(api: TestClient, ctx: ServiceContext,

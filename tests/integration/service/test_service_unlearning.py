@@ -252,8 +252,16 @@ def test_data_driven_refusals_queue_nothing(api: TestClient, fitting_adapter: Pa
         ({**base, "method": "grad_diff"}, 422, "retain_set_required"),
         ({**base, "hyperparams": {"lr": -1}}, 422, "invalid_hyperparameters"),
         ({**base, "hyperparams": {"epochs": 3}}, 422, "invalid_hyperparameters"),
+        ({**base, "hyperparams": {"consolidation_beta": 1.5}}, 422, "invalid_hyperparameters"),
+        ({**base, "hyperparams": {"balance": True}}, 422, "invalid_hyperparameters"),
         ({**base, "remove": [fits]}, 422, "unexpected_parameter"),
     ]
     for body, status, code in cases:
         problem(api.post("/v1/unlearning", json=body), status, code)
+    for raw in (b'"hyperparams": {"lr": NaN}', b'"hyperparams": {"layers": [1, Infinity]}',
+                b'"strength": NaN'):  # Python's json reads these; never a 500
+        body = json.dumps(base).encode()[:-1] + b", " + raw + b"}"
+        response = api.post("/v1/unlearning", content=body,
+                            headers={"Content-Type": "application/json"})
+        problem(response, 422, "request_validation_failed")
     assert api.get("/v1/jobs").json()["count"] == jobs_before

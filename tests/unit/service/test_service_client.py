@@ -54,7 +54,9 @@ def test_merge_body_and_wait_until_done() -> None:
         if request.method == "POST":
             body = json.loads(request.read())
             assert body["adapters"] == [{"id": "a", "weight": 1.0}, {"id": "b", "weight": -0.5}]
-            assert body["method"] == "ctm" and body["rank"] == 8
+            assert body["rank"] == 8
+            # unset options are not sent: the service's defaults apply
+            assert not {"method", "rule", "density", "drop", "beta", "subspace"} & set(body)
             return httpx.Response(202, json={"id": "job_1", "status": "queued"})
         status = next(states)
         return httpx.Response(200, json={"id": "job_1", "status": status,
@@ -66,6 +68,24 @@ def test_merge_body_and_wait_until_done() -> None:
                             on_progress=lambda j: progress.append(j["status"]))
     assert final["status"] == "succeeded"
     assert progress == ["queued", "running", "running", "succeeded"]
+
+
+def test_merge_sends_the_options_it_is_given() -> None:
+    sent: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.read()))
+        return httpx.Response(202, json={"id": "job_1", "status": "queued"})
+
+    with LorafoldClient("http://svc", "k", transport=httpx.MockTransport(handler)) as client:
+        client.merge(["a", "b"], method="ctm", rule="dare_ties", rank=4, density=0.3, drop=0.2,
+                     beta=0.25, subspace="hosvd", seed=3)
+    body = sent[0]
+    assert {k: body[k] for k in ("method", "rule", "rank", "density", "drop", "beta",
+                                 "subspace", "seed")} == {
+        "method": "ctm", "rule": "dare_ties", "rank": 4, "density": 0.3, "drop": 0.2,
+        "beta": 0.25, "subspace": "hosvd", "seed": 3}
+    assert "balance" not in body
 
 
 def test_wait_gives_up_after_its_timeout() -> None:

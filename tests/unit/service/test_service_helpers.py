@@ -151,3 +151,33 @@ def test_presigned_urls_name_the_public_endpoint() -> None:
     assert url is not None and url.startswith("http://127.0.0.1:8333/bucket/blobs/sha256/")
     plain = Settings(storage_url="s3://bucket", s3_endpoint_url="http://seaweedfs:8333")
     assert plain.presign_options() is None
+
+
+def test_a_merge_job_body_round_trips_and_old_bodies_still_run() -> None:
+    from dataclasses import asdict
+
+    from lorafold.merge import MergeRequest
+    from lorafold.service.merges import request_from_params
+
+    request = MergeRequest(rule="dare_ties", rank=8, weights=(1.0, 0.5), density=0.3, drop=0.2,
+                           beta=0.25, subspace="hosvd")
+    assert request_from_params({"request": asdict(request)}) == request
+    # queued before `beta` replaced `balance` (balance: true meant β = 0)
+    old = {k: v for k, v in asdict(request).items() if k not in ("beta", "subspace", "drop")}
+    assert request_from_params({"request": {**old, "balance": True}}).beta == 0.0
+    assert request_from_params({"request": {**old, "balance": False}}).beta is None
+
+
+def test_a_ctm_job_result_shows_the_subspace_search(tmp_path: Path) -> None:
+    from lorafold.merge import MergeRequest, merge_adapters
+    from lorafold.service.merge_job import merge_summary
+    from lorafold.synthetic import write_random_adapter
+
+    shapes = {"model.layers.0.self_attn.q_proj": (12, 10)}
+    inputs = [write_random_adapter(tmp_path / f"in{i}", shapes, rank=3, seed=i) for i in range(3)]
+    ctm = merge_summary(merge_adapters(inputs, tmp_path / "ctm", MergeRequest(rank=4)))
+    assert ctm["subspaces"]["mode"] == "hooi" and "modules" not in ctm["subspaces"]
+    assert ctm["subspaces"]["mean_energy"] >= ctm["subspaces"]["mean_start_energy"]
+    mtc = merge_summary(merge_adapters(inputs, tmp_path / "mtc",
+                                       MergeRequest(method="mtc", rank=4)))
+    assert "subspaces" not in mtc

@@ -22,16 +22,23 @@ def test_registry_lists_the_four_methods_with_valid_defaults() -> None:
 
 def test_overrides_are_typed_and_unknown_keys_refused() -> None:
     hp = resolve_hyperparams("npo", {"lr": "3e-4", "max_steps": 20, "layers": [1, -1],
-                                     "balance": False})
-    assert (hp.lr, hp.max_steps, hp.layers, hp.balance, hp.beta) == (3e-4, 20, (1, -1), False,
-                                                                     0.1)
+                                     "consolidation_beta": "0.25"})
+    assert (hp.lr, hp.max_steps, hp.layers, hp.consolidation_beta, hp.beta) == (
+        3e-4, 20, (1, -1), 0.25, 0.1)
+    assert resolve_hyperparams("feature_alignment").consolidation_beta == 0.0  # balanced
     bad_values: list[dict[str, object]] = [
         {"learning_rate": 1e-3}, {"max_steps": 2.5}, {"lr": -1.0}, {"lr": "fast"},
-        {"balance": "yes"}, {"batch_size": 0}, {"layers": []}]
+        {"consolidation_beta": "yes"}, {"consolidation_beta": 1.5},
+        {"consolidation_beta": -0.1}, {"consolidation_beta": float("nan")},
+        {"consolidation_beta": float("inf")}, {"consolidation_beta": True},
+        {"balance": True}, {"batch_size": 0}, {"layers": []}]
     for bad in bad_values:
         with pytest.raises(InvalidRequest) as info:
             resolve_hyperparams("npo", bad)
         assert info.value.code == "invalid_hyperparameters", bad
+    with pytest.raises(InvalidRequest) as info:
+        resolve_hyperparams("feature_alignment", {"balance": True})
+    assert "consolidation_beta" in info.value.message
 
 
 def test_layers_resolve_to_decoder_outputs() -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from lorafold.adapters import open_adapter
 from lorafold.adapters.lineage import read_lineage
 from lorafold.errors import JobCancelled
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE
 from lorafold.unlearn import UnlearnResult, evaluate, unlearn
 from tests.unlearn_world import FactWorld
 
@@ -124,7 +125,8 @@ def test_reports_progress_and_metrics(runs: Runs, method: str) -> None:
     if method == "feature_alignment":
         assert set(metrics["before_consolidation"]) == set(metrics["after"])
         consolidation = metrics["consolidation"]
-        assert consolidation["rank"] == runs.world.rank and consolidation["balance"] is True
+        assert consolidation["rank"] == runs.world.rank and consolidation["beta"] == 0.0
+        assert consolidation["subspace"] == DEFAULT_SUBSPACE
         assert [i["input"] for i in consolidation["inputs"]] == ["original", "residual"]
     else:  # the gold-free stopping rule ended these runs
         assert metrics["target_reached"] is True

@@ -1,0 +1,99 @@
+"""`lorafold merge`: its options reach the lineage, bad values are refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorafold.cli import build_parser, main
+from lorafold.merge.methods import DEFAULT_BETA
+from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE
+from lorafold.synthetic import write_random_adapter
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (16, 12), "model.layers.0.mlp.up_proj": (20, 12)}
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> list[str]:
+    return [str(write_random_adapter(tmp_path / f"a{i}", SHAPES, rank=3, seed=i))
+            for i in range(3)]
+
+
+def test_new_options_are_recorded_in_the_lineage(inputs: list[str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m"
+    rc = main(["merge", *inputs, "--rank", "4", "--beta", "0.25", "--subspace", "hosvd",
+               "--rule", "dare_ties", "--density", "0.3", "--drop", "0.2", "--seed", "7",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    written = json.loads((out / "lorafold.json").read_text())
+    parameters = written["parameters"]
+    assert {k: parameters[k] for k in ("method", "rule", "rank", "density", "drop", "beta",
+                                       "subspace", "seed")} == {
+        "method": "ctm", "rule": "dare_ties", "rank": 4, "density": 0.3, "drop": 0.2,
+        "beta": 0.25, "subspace": "hosvd", "seed": 7}
+    assert "balance" not in parameters
+    printed = capsys.readouterr().out
+    assert "ctm/dare_ties" in printed
+    subspaces = written["report"]["subspaces"]
+    assert subspaces["mode"] == "hosvd"
+    line = next(row for row in printed.splitlines() if row.startswith("subspaces:"))
+    assert "hosvd" in line and f"{subspaces['mean_energy']:.4f}" in line
+
+
+def test_defaults_come_from_the_core(inputs: list[str], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["merge", *inputs, "--out", "x"])
+    assert (args.method, args.rule) == (DEFAULT_METHOD, DEFAULT_RULE)
+    assert (args.beta, args.subspace, args.drop, args.density) == (None, None, None, None)
+    assert main(["merge", *inputs, "--rank", "4", "--out", str(tmp_path / "m"),
+                 "--quiet"]) == 0
+    parameters = json.loads((tmp_path / "m" / "lorafold.json").read_text())["parameters"]
+    assert (parameters["beta"], parameters["subspace"]) == (DEFAULT_BETA, DEFAULT_SUBSPACE)
+    assert f"subspaces: {DEFAULT_SUBSPACE}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["merge", "--help"])
+    text = capsys.readouterr().out
+    assert f"default {DEFAULT_METHOD}" in text and f"default {DEFAULT_BETA}" in text
+
+
+def test_mtc_with_iso_is_accepted(inputs: list[str], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["merge", *inputs, "--method", "mtc", "--rule", "iso", "--rank", "4",
+                 "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert "subspaces:" not in capsys.readouterr().out  # ctm only
+
+
+@pytest.mark.parametrize(("options", "word"), [
+    (["--beta", "2"], "beta"),
+    (["--beta", "-0.5"], "beta"),
+    (["--beta", "nan"], "beta"),
+    (["--method", "mtc", "--beta", "0.5"], "beta"),
+    (["--method", "core", "--subspace", "hooi"], "subspace"),
+    (["--rule", "dare", "--density", "0.5"], "drop"),
+    (["--rule", "dare", "--drop", "1"], "drop"),
+    (["--rule", "ties", "--drop", "0.2"], "drop"),
+    (["--rule", "ties", "--density", "0"], "density"),
+])
+def test_bad_values_exit_nonzero_and_write_nothing(
+        inputs: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        options: list[str], word: str) -> None:
+    out = tmp_path / "m"
+    rc = main(["merge", *inputs, "--rank", "4", *options, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.startswith("error: invalid_parameter: ") and err.strip().count("\n") == 0
+    assert word in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m")]
+
+
+def test_a_subspace_mode_outside_the_choices_is_a_usage_error(
+        inputs: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", *inputs, "--rank", "4", "--subspace", "x", "--out", str(tmp_path / "m")])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "m").exists()
