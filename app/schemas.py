@@ -102,7 +102,8 @@ class MergeCreate(BaseModel):
     adapters: list[MergeInput] = Field(min_length=1, max_length=64)
     method: str = Field(default=DEFAULT_METHOD,
                         description=f"one of {', '.join(sorted(METHODS))}")
-    rule: str = Field(default=DEFAULT_RULE, description=f"one of {', '.join(sorted(RULES))}")
+    rule: str | None = Field(default=None, description=f"one of {', '.join(sorted(RULES))} "
+                                                       f"(default {DEFAULT_RULE}; cat: ta)")
     rank: int | None = Field(default=None, description="output rank r")
     density: float | None = Field(
         default=None, allow_inf_nan=False,

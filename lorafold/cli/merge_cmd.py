@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--rank", type=int, help="output rank r (not for cat)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
                    help=f"merge method (default {DEFAULT_METHOD})")
-    p.add_argument("--rule", default=DEFAULT_RULE, choices=sorted(RULES),
+    p.add_argument("--rule", choices=sorted(RULES),
                    help=f"merge rule (default {DEFAULT_RULE}; cat takes only ta)")
     p.add_argument("--weights", help="comma-separated weight per input (default 1 each)")
     p.add_argument("--density", type=float, help=DENSITY_HELP)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.report, indent=2))
         return 0
     rank = result.lineage["parameters"]["output_rank"]
-    print(f"wrote {result.out_dir} ({args.method}/{args.rule}, rank {rank}, "
+    print(f"wrote {result.out_dir} ({args.method}/{request.rule_name}, rank {rank}, "
           f"{len(result.report['modules'])} modules, {result.wall_time_s:.2f}s)")
     subspaces = result.report.get("subspaces")
     if subspaces:  # ctm: how well the shared subspaces hold the (rescaled) inputs

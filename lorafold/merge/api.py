@@ -86,5 +86,5 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
                              report=output.report, dtype=plan.dtype)
     wall = time.perf_counter() - started
     logger.info("merged %d adapters into %s (%s/%s, rank %d) in %.2fs", len(adapters), path,
-                request.method, request.rule, plan.rank, wall)
+                request.method, request.rule_name, plan.rank, wall)
     return MergeResult(out_dir=path, report=output.report, lineage=lineage, wall_time_s=wall)

@@ -16,7 +16,7 @@ import torch
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
-from lorafold.merge.methods import DEFAULT_BETA, MethodSpec, resolve_method
+from lorafold.merge.methods import DEFAULT_BETA, METHODS, MethodSpec, resolve_method
 from lorafold.merge.rules import RuleParams, RuleSpec, check_rule_params, resolve_rule
 from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
 
@@ -29,11 +29,11 @@ DEFAULT_RULE = "ta"
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """What to merge and how. Weights default to 1 for every input; `beta` and `subspace`
-    (ctm only) default to DEFAULT_BETA and DEFAULT_SUBSPACE."""
+    """What to merge and how. Weights default to 1 for every input; the rule to
+    `rule_name`; `beta` and `subspace` (ctm only) to DEFAULT_BETA and DEFAULT_SUBSPACE."""
 
     method: str = DEFAULT_METHOD
-    rule: str = DEFAULT_RULE
+    rule: str | None = None
     rank: int | None = None
     weights: tuple[float, ...] | None = None
     density: float | None = None
@@ -44,6 +44,15 @@ class MergeRequest:
     subspace: str | None = None
     force: bool = False
     dtype: str | None = None
+
+    @property
+    def rule_name(self) -> str:
+        """The rule asked for, or the default: DEFAULT_RULE, and for the exact methods that
+        take no rule (cat) the plain weighted sum."""
+        if self.rule is not None:
+            return self.rule
+        method = METHODS.get(self.method)
+        return "ta" if method is not None and not method.takes_rule else DEFAULT_RULE
 
     @property
     def ctm_beta(self) -> float:
@@ -57,7 +66,7 @@ class MergeRequest:
         """The request as recorded in lineage (enough to redo the merge exactly); ctm's
         defaults are written out, so a later change of default cannot change a re-merge."""
         ctm = self.method == "ctm"
-        return {"method": self.method, "rule": self.rule, "rank": self.rank,
+        return {"method": self.method, "rule": self.rule_name, "rank": self.rank,
                 "density": self.density, "drop": self.drop, "scale": self.scale,
                 "seed": self.seed, "beta": self.ctm_beta if ctm else None,
                 "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype}
@@ -87,7 +96,7 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
                                                                   tuple[float, ...]]:
     """Everything about a request that can be checked without the adapters' contents."""
     method = resolve_method(request.method)
-    rule = resolve_rule(request.rule)
+    rule = resolve_rule(request.rule_name)
     if n_inputs < 1:
         raise InvalidRequest("a merge needs at least one input adapter", code="no_inputs")
     weights = request.weights if request.weights is not None else (1.0,) * n_inputs
@@ -103,7 +112,7 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
         if not (1 <= request.rank <= MAX_RANK):
             raise InvalidRequest(f"rank must be between 1 and {MAX_RANK}, got {request.rank}",
                                  code="invalid_parameter")
-    if not method.takes_rule and request.rule != "ta":
+    if not method.takes_rule and request.rule_name != "ta":
         raise InvalidRequest(f"method {method.name!r} is exact and takes no rule (it always "
                              "sums the weighted deltas)", code="invalid_parameter")
     _check_ctm_options(method, request)

@@ -46,7 +46,7 @@ def _merge_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
                                                              label=adapter_id)))
             job.progress("fetch", (done + 1) / len(input_ids))
         log.info("fetched %d inputs; merging (%s/%s)", len(adapters), request.method,
-                 request.rule)
+                 request.rule_name)
         result = merge_adapters(adapters, job.work / "output", request, device=job.device,
                                 progress=job.progress, checkpoint=job.checkpoint,
                                 lineage_extra={"input_ids": input_ids, "job_id": job.record.id})

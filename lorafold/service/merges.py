@@ -30,7 +30,7 @@ def merge_params(adapter_ids: Sequence[str], request: MergeRequest, name: str,
         "inputs": [{"id": adapter_id, "weight": float(weight), "sha256": m["record"]["sha256"]}
                    for adapter_id, weight, m in zip(adapter_ids, weights, manifests,
                                                     strict=True)],
-        "request": {**asdict(request), "weights": list(weights)},
+        "request": {**asdict(request), "rule": request.rule_name, "weights": list(weights)},
     }
 
 

@@ -47,12 +47,18 @@ def test_new_options_are_recorded_in_the_lineage(inputs: list[str], tmp_path: Pa
 def test_defaults_come_from_the_core(inputs: list[str], tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(["merge", *inputs, "--out", "x"])
-    assert (args.method, args.rule) == (DEFAULT_METHOD, DEFAULT_RULE)
+    assert (args.method, args.rule) == (DEFAULT_METHOD, None)
     assert (args.beta, args.subspace, args.drop, args.density) == (None, None, None, None)
     assert main(["merge", *inputs, "--rank", "4", "--out", str(tmp_path / "m"),
                  "--quiet"]) == 0
     parameters = json.loads((tmp_path / "m" / "lorafold.json").read_text())["parameters"]
     assert (parameters["beta"], parameters["subspace"]) == (DEFAULT_BETA, DEFAULT_SUBSPACE)
+    assert parameters["rule"] == DEFAULT_RULE
+    # cat takes no rule: its default is the plain weighted sum whatever DEFAULT_RULE is
+    assert main(["merge", *inputs, "--method", "cat", "--out", str(tmp_path / "c"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "c" / "lorafold.json").read_text())["parameters"][
+        "rule"] == "ta"
     assert f"subspaces: {DEFAULT_SUBSPACE}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["merge", "--help"])
