@@ -1,16 +1,18 @@
-"""Smoke run of bench/merge_quality.py at tiny sizes: the quality harness is sane.
+"""Smoke run of bench/merge_quality.py and its toy world at tiny sizes: the harness is sane.
 
-Checked: every own adapter beats the base model on its task; `cat` of all adapters at
-weight 1 and full-space `ta` at λ = 1 are the same delta, so they score exactly the same;
-a merged adapter read back densely gives the logits PEFT gives when it loads that adapter;
-λ is chosen on validation only; the whole run ends in JSON, a table and a plot.
+Checked: the toy tasks are disjoint and deterministic; every own adapter beats the base
+model; the spread regime spreads the adapters' norms; CtM with ta at r = Σ r_t and
+full-space ta are the same delta and score the same; scaling a λ = 1 merge is the merge at
+λ; a merged adapter read back densely gives the logits PEFT gives when it loads that
+adapter; tuning looks at validation only and scores test once; the whole run (toy regimes)
+ends in JSON, a table and a plot.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,150 +28,195 @@ def bench() -> ModuleType:
     return load_bench("merge_quality")
 
 
-@dataclass
-class World:
-    cfg: Any
-    base: torch.nn.Module
-    suite: Any
-    adapters: list[Path]
-    evaluator: Any
-    own: list[dict[str, torch.Tensor]]
-    workdir: Path
+@pytest.fixture(scope="module")
+def toy() -> ModuleType:
+    return load_bench("toy_world")
 
 
 @pytest.fixture(scope="module")
-def world(bench: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> World:
-    cfg = replace(bench.QUICK, pretrain_steps=200, lora_steps=100)
+def base(toy: ModuleType) -> torch.nn.Module:
     torch.set_num_threads(1)
-    workdir = tmp_path_factory.mktemp("merge-quality")
-    base = bench.pretrain_base(cfg)
-    suite = bench.make_tasks(cfg, 0)
-    adapters = [bench.train_adapter(base, suite, t, cfg, 0, workdir / f"t{t}")
-                for t in range(cfg.tasks)]
-    evaluator = bench.Evaluator(base, suite, cfg.lora_targets)
-    own = [bench.read_deltas(a) for a in adapters]
-    return World(cfg, base, suite, adapters, evaluator, own, workdir)
+    return toy.pretrain_base(replace(toy.TOY_QUICK, pretrain_steps=200))
 
 
-def _inputs(bench: ModuleType, world: World) -> Any:
-    stack = {name: torch.stack([d[name] for d in world.own]) for name in world.own[0]}
-    return bench.MergeInputs(adapters=world.adapters, stack=stack, density=0.5, seed=0,
-                             workdir=world.workdir)
+@pytest.fixture(scope="module")
+def world(toy: ModuleType, base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory,
+          ) -> Any:
+    cfg = replace(toy.TOY_QUICK, pretrain_steps=200, lora_steps=100)
+    return toy.build_world(cfg, 0, tmp_path_factory.mktemp("merge-quality"), base)
 
 
-def test_tasks_are_disjoint_and_deterministic(bench: ModuleType, world: World) -> None:
-    again = bench.make_tasks(world.cfg, 0)
+def test_tasks_are_disjoint_and_deterministic(toy: ModuleType, world: Any) -> None:
+    cfg = toy.TOY_QUICK
+    again = toy.make_tasks(cfg, 0)
     assert torch.equal(again.perms, world.suite.perms)
-    for t in range(world.cfg.tasks):
+    for t in range(cfg.tasks):
         seen = [set(map(tuple, world.suite.splits[s][t].tolist())) for s in ("train", "val",
                                                                              "test")]
         assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
-        assert sum(map(len, seen)) == world.cfg.domain ** 3
+        assert sum(map(len, seen)) == cfg.domain ** 3
     rows, owner = world.suite.eval_set("test")
     tokens = [set(rows[owner == t][:, 2:].flatten().tolist()) - {world.suite.vocab.eq}
-              for t in range(world.cfg.tasks)]
+              for t in range(cfg.tasks)]
     assert all(not (tokens[a] & tokens[b]) for a in range(len(tokens))
                for b in range(a + 1, len(tokens)))
 
 
-def test_own_adapter_beats_base(world: World) -> None:
+def test_own_adapter_beats_base(bench: ModuleType, world: Any) -> None:
     base = world.evaluator.accuracies({}, "test")
-    for t, deltas in enumerate(world.own):
-        own = world.evaluator.accuracies(deltas, "test")[t]
+    for t, adapter in enumerate(world.adapters):
+        own = world.evaluator.accuracies(bench.read_deltas(adapter), "test")[t]
         assert own > base[t] + 0.3, (t, own, base[t])
     # evaluation leaves the base weights as they were
     assert world.evaluator.accuracies({}, "test") == base
 
 
-def test_cat_is_full_space_ta(bench: ModuleType, world: World) -> None:
-    inputs = _inputs(bench, world)
-    cat, _ = bench.merge_lorafold(bench.Method("cat", "lorafold", "cat"), inputs, None, 1.0)
-    full, _ = bench.merge_dense(bench.Method("full-ta", "dense", "full"), inputs, None, 1.0)
-    assert cat.keys() == full.keys()
-    for name in cat:
-        torch.testing.assert_close(cat[name], full[name], rtol=1e-5, atol=1e-6)
-    for split in ("val", "test"):
-        assert world.evaluator.accuracies(cat, split) == world.evaluator.accuracies(full, split)
-    assert list(world.workdir.glob("merge-*")) == []      # merged dirs are cleaned up
+def test_spread_regime_spreads_the_norms(toy: ModuleType, bench: ModuleType,
+                                         base: torch.nn.Module, tmp_path: Path) -> None:
+    cfg = replace(toy.TOY_QUICK_SPREAD, pretrain_steps=200, lora_steps=100)
+    settings = toy.task_settings(cfg, 0)
+    assert len({s for s in settings}) == cfg.tasks
+    spread = toy.build_world(cfg, 0, tmp_path, base)
+    norms = bench.delta_norms(bench.Merger(spread.adapters, 0, tmp_path))
+    assert max(norms) / min(norms) > 2.0
 
 
-def test_merged_adapter_loads_in_peft(bench: ModuleType, world: World) -> None:
+def test_full_rank_ctm_ta_is_full_space_ta(bench: ModuleType, world: Any,
+                                           tmp_path: Path) -> None:
+    merger = bench.Merger(world.adapters, 0, tmp_path)
+    rank = sum(1 for _ in world.adapters) * 8
+    ctm, facts = merger.merge(bench.Row("ctm-ta", "ctm", "ta", "hooi"), rank, {"beta": 0.5})
+    full, _ = merger.merge(bench.Row("full-ta", "full", "ta"), None, {})
+    assert ctm.keys() == full.keys()
+    for name in ctm:
+        torch.testing.assert_close(ctm[name], full[name], rtol=1e-4, atol=1e-5)
+    assert facts["mean_input_energy"] == pytest.approx(1.0, abs=1e-4)
+    assert list(tmp_path.glob("merge-*")) == []      # merged dirs are cleaned up
+
+
+@pytest.mark.parametrize(("row", "knobs"), [
+    (("ctm-ties", "ctm", "ties", "hooi"), {"beta": 0.25, "density": 0.5}),
+    (("ctm-dare_ties", "ctm", "dare_ties", "hosvd"), {"beta": 1.0, "density": 0.5, "drop": 0.3}),
+    (("mtc-iso", "mtc", "iso", None), {}),
+])
+def test_scaling_a_unit_merge_is_the_merge_at_that_scale(bench: ModuleType, world: Any,
+                                                         tmp_path: Path, row: tuple[Any, ...],
+                                                         knobs: dict[str, float]) -> None:
+    from lorafold.merge import MergeRequest, merge_adapters
+
+    spec = bench.Row(*row)
+    unit, _ = bench.Merger(world.adapters, 0, tmp_path).merge(spec, 4, knobs)
+    request = MergeRequest(method=spec.method, rule=spec.rule, rank=4, seed=0, scale=0.7,
+                           subspace=spec.subspace, beta=knobs.get("beta"),
+                           density=knobs.get("density"), drop=knobs.get("drop"))
+    direct = bench.read_deltas(merge_adapters(world.adapters, tmp_path / "direct", request,
+                                              device="cpu").out_dir)
+    for name, value in bench.scaled(unit, 0.7).items():
+        torch.testing.assert_close(value, direct[name], rtol=1e-4, atol=1e-6)
+
+
+def test_merged_adapter_loads_in_peft(bench: ModuleType, toy: ModuleType, world: Any,
+                                      base: torch.nn.Module, tmp_path: Path) -> None:
     from peft import PeftModel
 
     from lorafold.merge import MergeRequest, merge_adapters
 
-    out = merge_adapters(world.adapters, world.workdir / "ctm",
+    out = merge_adapters(world.adapters, tmp_path / "ctm",
                          MergeRequest(method="ctm", rule="ties", rank=4, scale=0.7)).out_dir
     rows, _ = world.suite.eval_set("val")
     with torch.no_grad():
         world.evaluator.set_delta(bench.read_deltas(out))
-        dense = bench.answer_logits(world.base, rows)
+        dense = toy.answer_logits(base, rows)
         world.evaluator.set_delta({})
-        peft_model = PeftModel.from_pretrained(world.base, str(out))
+        peft_model = PeftModel.from_pretrained(base, str(out))
         try:
-            loaded = bench.answer_logits(peft_model, rows)
+            loaded = toy.answer_logits(peft_model, rows)
         finally:
             peft_model.unload()
     torch.testing.assert_close(loaded, dense, rtol=1e-4, atol=1e-4)
-    assert not any("lora" in name for name, _ in world.base.named_modules())
+    assert not any("lora" in name for name, _ in base.named_modules())
+
+
+class _FakeMerger:
+    """Merges to a single number: the knobs' sum; counts merges."""
+
+    def __init__(self) -> None:
+        self.merges = 0
+
+    def merge(self, row: Any, rank: Any, knobs: Mapping[str, float]) -> tuple[Any, Any]:
+        self.merges += 1
+        return {"w": torch.tensor(1.0 + 10 * knobs.get("density", 0.0),
+                                  dtype=torch.float64)}, {"merge_s": 0.0}
 
 
 class _FakeEvaluator:
-    """Validation accuracy peaks at λ = 0.5; records which λ each split was scored at."""
+    """Validation peaks at λ·(1 + 10·density) = 3 (λ 0.5, density 0.5); test elsewhere."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, float]] = []
 
     def accuracies(self, deltas: Mapping[str, torch.Tensor], split: str) -> list[float]:
-        scale = float(deltas["w"])
-        self.calls.append((split, scale))
-        peak = 1.0 if split == "val" else 2.0
-        return [1.0 - abs(scale - 0.5) * peak, 0.5]
+        value = float(deltas["w"])
+        self.calls.append((split, value))
+        peak = 3.0 if split == "val" else 1.0
+        return [1.0 - abs(value - peak) / 10, 0.5]
 
 
-def test_scale_is_picked_on_validation_only(bench: ModuleType,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_merge(m: Any, inputs: Any, rank: int | None, scale: float) -> tuple[Any, float]:
-        return {"w": torch.tensor(scale, dtype=torch.float64)}, 0.01
-
-    monkeypatch.setitem(bench.MERGERS, "dense", fake_merge)
-    evaluator = _FakeEvaluator()
-    own = {"val": [1.0, 1.0], "test": [1.0, 0.5]}
-    run = bench.run_method(bench.Method("full-ta", "dense", "full"), None, None, evaluator,
-                           own, (0.3, 0.5, 1.0))
-    assert run["scale"] == 0.5
-    assert evaluator.calls == [("val", 0.3), ("val", 0.5), ("val", 1.0), ("test", 0.5)]
-    assert run["normalised"] == [1.0, 1.0] and run["mean_normalised"] == 1.0
+def test_tuning_looks_at_validation_only(bench: ModuleType) -> None:
+    evaluator, merger = _FakeEvaluator(), _FakeMerger()
+    scorer = bench.Scorer(merger, evaluator, {"val": [1.0, 1.0], "test": [1.0, 0.5]})
+    grids = bench.Grids(scales=(0.3, 0.5, 1.0), densities=(0.25, 0.5, 0.8))
+    run = bench.run_row(bench.Row("full-ties", "full", "ties"), None, scorer, grids)
+    assert (run["scale"], run["knobs"]) == (0.5, {"density": 0.5})
+    assert [split for split, _ in evaluator.calls].count("test") == 1
+    assert evaluator.calls[-1] == ("test", 3.0)
+    # each (configuration, λ) is scored once: 3 λ at the start, 2 more densities
+    assert run["evaluations"] == len(scorer.scores) == 5
+    assert len(evaluator.calls) == 5 + 1
 
 
-def test_run_end_to_end(bench: ModuleType, tmp_path: Path) -> None:
-    cfg = replace(bench.QUICK, pretrain_steps=100, lora_steps=60, seeds=(0, 1))
-    methods = [m for m in bench.default_methods()
-               if m.label in {"cat", "full-ta", "full-ties", "mtc-ta", "ctm-ta", "ctm-iso-bal",
-                              "core-ta"}]
-    result = bench.run_benchmark(cfg, "smoke", workdir=tmp_path, methods=methods,
-                                 log=lambda _: None)
+def test_run_end_to_end(bench: ModuleType, toy: ModuleType, tmp_path: Path) -> None:
+    tiny = replace(toy.TOY_QUICK, pretrain_steps=100, lora_steps=60)
+    cfg = replace(bench.QUICK, regimes=(
+        bench.Regime("toy", "toy", (0, 1), toy=tiny),
+        bench.Regime("toy-spread", "toy", (0,), toy=replace(tiny, spread=True))))
+    rows = [r for r in bench.default_rows()
+            if r.label in {"full-ta", "full-ties", "mtc-ta", "core-iso", "ctm-ta",
+                           "ctm-dare_ties-hosvd", "ctm-tsv"}]
+    result = bench.run_benchmark(cfg, "smoke", workdir=tmp_path, rows=rows, log=lambda _: None)
     json.dumps(result)
     assert list(tmp_path.iterdir()) == []    # adapters and merges are deleted
-    rows = {(r["method"], r["rank"]): r for r in result["summary"]}
-    assert set(rows) == {("cat", None), ("full-ta", None), ("full-ties", None), ("mtc-ta", 4),
-                         ("ctm-ta", 4), ("ctm-iso-bal", 4), ("core-ta", 4)}
-    for row in rows.values():
-        assert len(row["scales"]) == 2 and set(row["scales"]) <= set(cfg.scales)
-        assert row["merge_ms"] > 0 and row["mean"] >= 0.0 and row["sd"] >= 0.0
-    # same delta, same validation curve, same λ, same test accuracy
-    assert rows[("cat", None)]["mean"] == rows[("full-ta", None)]["mean"]
-    assert rows[("cat", None)]["output_rank"] == cfg.tasks * cfg.lora_rank
+    for regime in result["regimes"]:
+        entries = {(e["row"], e["rank"]): e for e in regime["summary"]}
+        assert set(entries) == {("full-ta", None), ("full-ties", None), ("mtc-ta", 4),
+                                ("core-iso", 4), ("ctm-ta", 4), ("ctm-dare_ties-hosvd", 4),
+                                ("ctm-tsv", 4)}
+        for entry in entries.values():
+            assert len(entry["scales"]) == len(regime["seeds"])
+            assert set(entry["scales"]) <= set(cfg.grids.scales)
+            assert entry["mean"] >= 0.0 and entry["sd"] >= 0.0
+        assert entries[("ctm-ta", 4)]["vs_best_mtc"]["reference"] == "mtc-ta"
+        assert entries[("ctm-ta", 4)]["subspace_energy"] >= \
+            entries[("ctm-ta", 4)]["subspace_start_energy"] - 1e-9
+        assert {e["beta"] for e in regime["beta_sweep"]} == set(cfg.grids.betas)
+    assert {r["row"] for r in result["overall"]["rows"]} == {
+        "mtc-ta", "core-iso", "ctm-ta", "ctm-dare_ties-hosvd", "ctm-tsv"}
     text = bench.render(result)
-    assert "| ctm-iso-bal |" in text and "| cat (rank 24) |" in text and "r = 4" in text
-    bench.plot(result, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert "### toy-spread" in text and "| ctm-dare_ties-hosvd |" in text and "β sweep" in text
+    assert "By adapter norm" in text
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(result))
+    bench.main(["--render", str(saved), "--out-dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "merge_quality.md").read_text().endswith(text)
+    assert (tmp_path / "out" / "merge_quality.png").stat().st_size > 1000
 
 
 def test_command_line(bench: ModuleType) -> None:
-    cfg = bench.config_from(bench.parse_args(["--quick", "--seeds", "2", "--threads", "2"]))
-    assert (cfg.tasks, cfg.seeds, cfg.threads) == (3, (0, 1), 2)
-    full = bench.config_from(bench.parse_args([]))
-    assert (full.tasks, full.lora_rank, full.ranks, full.seeds) == (8, 8, (8, 16, 32), (0, 1, 2))
+    cfg = bench.config_from(bench.parse_args(["--quick", "--seeds", "2", "--threads", "1"]))
+    assert [r.seeds for r in cfg.regimes] == [(0, 1)] * 3 and cfg.threads == 1
+    full = bench.config_from(bench.parse_args(["--regimes", "toy,minilm"]))
+    assert [r.name for r in full.regimes] == ["toy", "minilm"] and full.ranks == (8, 16, 32)
     with pytest.raises(SystemExit):
         bench.config_from(bench.parse_args(["--seeds", "0"]))
+    with pytest.raises(SystemExit):
+        bench.config_from(bench.parse_args(["--regimes", "toy,imagenet"]))
