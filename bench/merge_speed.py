@@ -7,8 +7,10 @@ torch threads fixed, the script measures
 - CtM end to end: `merge_adapters` (open, read, merge, report, hash, write) on every layer,
   each repetition between two GEMM throughput measurements and after a read of the inputs,
   so that each run is compared with the floor measured around it: read time (page cache
-  warm) + CtM's flop count at the best fp32 GEMM rate;
-- CtM per module on every layer, as the executor runs it: load, `merge_ctm`, merge report;
+  warm) + CtM's flop count at the best fp32 GEMM rate; each run is paired with one using
+  HOSVD subspaces instead of HOOI (order alternating), for HOOI's cost end to end;
+- CtM per module on every layer, as the executor runs it: load, `merge_ctm`, merge report,
+  and `merge_ctm` with HOSVD subspaces on the same inputs (HOOI's sweeps and cost);
 - `mtc` (lorafold's merge-then-compress) and PEFT's `add_weighted_adapter(
   combination_type="svd")` once per module on layer 0's seven modules (a full SVD of a
   dense m×n matrix takes tens of seconds on a few cores), with CtM timed on the same module
@@ -49,8 +51,9 @@ from lorafold.adapters.config import PEFT_PREFIX
 from lorafold.adapters.reader import LoraAdapter, open_adapter
 from lorafold.merge import MergeRequest, MethodInput, merge_adapters
 from lorafold.merge.executor import report_rows
-from lorafold.merge.methods import merge_cat, merge_ctm, merge_mtc
+from lorafold.merge.methods import DEFAULT_BETA, merge_cat, merge_ctm, merge_mtc
 from lorafold.merge.rules import RULES, RuleParams
+from lorafold.merge.subspaces import DEFAULT_SUBSPACE
 from lorafold.merge.threads import ThreadChooser, adaptive_threads, module_ops
 from lorafold.synthetic import llama_module_shapes, write_random_adapter
 
@@ -196,7 +199,8 @@ def module_flops(shape: tuple[int, int], cfg: BenchConfig) -> float:
 
 # --------------------------------------------------------------------------- CtM
 
-def module_input(adapters: Sequence[LoraAdapter], name: str, rank: int) -> MethodInput:
+def module_input(adapters: Sequence[LoraAdapter], name: str, rank: int,
+                 subspace: str = DEFAULT_SUBSPACE) -> MethodInput:
     """The executor's input for one module: fp32 factors with B scaled, weights 1, rule ta."""
     factors = []
     for adapter in adapters:
@@ -209,7 +213,7 @@ def module_input(adapters: Sequence[LoraAdapter], name: str, rank: int) -> Metho
         return ta(stack, weights, params, None)
 
     return MethodInput(factors=factors, weights=torch.ones(len(factors), dtype=torch.float64),
-                       rank=rank, rule=rule)
+                       rank=rank, rule=rule, subspace=subspace)
 
 
 @contextlib.contextmanager
@@ -219,21 +223,26 @@ def opened(dirs: Sequence[Path]) -> Iterator[list[LoraAdapter]]:
         yield [stack.enter_context(open_adapter(d)) for d in dirs]
 
 
-def ctm_end_to_end(dirs: Sequence[Path], out_dir: Path, rank: int) -> Path:
+def ctm_end_to_end(dirs: Sequence[Path], out_dir: Path, rank: int,
+                   subspace: str = DEFAULT_SUBSPACE) -> Path:
     """`merge_adapters` with method ctm, rule ta, weights 1: open, read, merge, write."""
-    request = MergeRequest(method="ctm", rule="ta", rank=rank)
+    request = MergeRequest(method="ctm", rule="ta", rank=rank, subspace=subspace,
+                           beta=DEFAULT_BETA)
     return merge_adapters(list(dirs), out_dir, request, device="cpu").out_dir
 
 
 @dataclass(frozen=True)
 class FloorRun:
-    """One end-to-end CtM run and the floor measured around it (seconds, GFLOP/s)."""
+    """One end-to-end CtM run (default subspaces, HOOI) and the floor measured around it
+    (seconds, GFLOP/s), with a HOSVD run beside it (the order alternates between runs)."""
 
     e2e_s: float
     read_s: float
     gflops: float                   # best GEMM rate measured just before or just after
     floor_s: float
     ratio: float
+    hosvd_s: float
+    hooi_over_hosvd: float
 
 
 def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
@@ -242,14 +251,19 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
     GEMM measurements; also returns every GEMM measurement."""
     files = [d / "adapter_model.safetensors" for d in dirs]
     gemms, runs = [gemm_gflops(cfg)], []
-    for _ in range(cfg.reps):
+    for rep in range(cfg.reps):
         read_s = read_seconds(files, 1)
-        _, e2e_s = timed(lambda: ctm_end_to_end(dirs, out_dir, cfg.rank))
+        seconds = {}
+        for mode in (("hooi", "hosvd") if rep % 2 == 0 else ("hosvd", "hooi")):
+            _, seconds[mode] = timed(lambda mode=mode: ctm_end_to_end(
+                dirs, out_dir / mode, cfg.rank, mode))
         gemms.append(gemm_gflops(cfg))
         best = max(*gemms[-2].values(), *gemms[-1].values())
         floor_s = read_s + flops / (best * 1e9)
-        runs.append(FloorRun(e2e_s=e2e_s, read_s=read_s, gflops=best, floor_s=floor_s,
-                             ratio=e2e_s / floor_s))
+        runs.append(FloorRun(e2e_s=seconds["hooi"], read_s=read_s, gflops=best,
+                             floor_s=floor_s, ratio=seconds["hooi"] / floor_s,
+                             hosvd_s=seconds["hosvd"],
+                             hooi_over_hosvd=seconds["hooi"] / seconds["hosvd"]))
     return runs, gemms
 
 
@@ -263,6 +277,8 @@ class ModuleTiming:
     ctm_s: float
     report_s: float
     out_rank: int
+    hosvd_s: float                  # merge_ctm with HOSVD subspaces on the same inputs
+    sweeps: int                     # HOOI sweeps this module took
 
 
 def time_ctm_modules(dirs: Sequence[Path], shapes: Shapes, rank: int) -> list[ModuleTiming]:
@@ -278,9 +294,12 @@ def time_ctm_modules(dirs: Sequence[Path], shapes: Shapes, rank: int) -> list[Mo
                 inp, load_s = timed(partial(module_input, adapters, name, rank))
                 ctm, ctm_s = timed(partial(merge_ctm, inp))
                 _, report_s = timed(partial(report_rows, ctm, inp.factors))
+                _, hosvd_s = timed(partial(merge_ctm, replace(inp, subspace="hosvd")))
+            assert ctm.subspaces is not None
             timings.append(ModuleTiming(name=name, shape=shape_label(shapes[name]),
                                         load_s=load_s, ctm_s=ctm_s, report_s=report_s,
-                                        out_rank=int(ctm.b.shape[1])))
+                                        out_rank=int(ctm.b.shape[1]), hosvd_s=hosvd_s,
+                                        sweeps=ctm.subspaces.sweeps))
     return timings
 
 
@@ -574,6 +593,7 @@ def floor_summary(runs: Sequence[FloorRun], gemms: Sequence[Mapping[str, float]]
         "read_s": read_s, "read_bytes": read_bytes, "read_gb_per_s": read_bytes / read_s / 1e9,
         "flops": flops, "floor_s": floor_s, "floor_per_layer_s": floor_s / layers,
         "e2e_over_floor": statistics.median(r.ratio for r in runs),
+        "hooi_over_hosvd": statistics.median(r.hooi_over_hosvd for r in runs),
         "ctm_compute_over_flop_floor": ratio(ctm_layer_ms, flops / layers / best / 1e6),
     }
 
@@ -600,6 +620,9 @@ def evaluate_targets(rows: Sequence[ShapeRow], layer: Mapping[str, float | None]
         target("CtM end to end / floor", floor["e2e_over_floor"], 3.0, at_most=True,
                note="median over runs; floor = read + CtM flops at the best GEMM rate "
                     "measured around each run"),
+        target("CtM end to end, HOOI / HOSVD", floor["hooi_over_hosvd"], 1.3, at_most=True,
+               note="median over runs of the paired ratio (the two run back to back, order "
+                    "alternating)"),
         target("CtM peak RSS (bytes)", float(rss["peak_rss"]), float(limit["limit"]),
                at_most=True, note="VmHWM of a fresh process running merge_adapters"),
     ]
@@ -660,6 +683,14 @@ def render(result: Mapping[str, Any]) -> str:
                  f"({rates} GFLOP/s) = "
                  f"{floor['floor_s'] * 1e3:.0f} ms ({floor['floor_per_layer_s'] * 1e3:.1f} "
                  f"ms/layer)")
+    modules = result["modules"]
+    compute = statistics.median(t["ctm_s"] / t["hosvd_s"] for t in modules)
+    sweeps = [t["sweeps"] for t in modules]
+    lines.append(f"CtM options: rule ta, β {result['ctm_beta']:g} (the default), weights 1")
+    lines.append(f"HOOI / HOSVD: end to end {fmt(floor['hooi_over_hosvd'], 2)} (per run: "
+                 + ", ".join(f"{r['hooi_over_hosvd']:.2f}" for r in floor["runs"])
+                 + f"); merge_ctm per module, median {compute:.2f}; HOOI sweeps per module "
+                 f"median {statistics.median(sweeps):.0f}, max {max(sweeps)}")
     lines.append(f"CtM end to end / floor: {fmt(floor['e2e_over_floor'], 2)} (per run: "
                  f"{ratios}); CtM compute / "
                  f"flop floor at {floor['gflops_best']:.0f} GFLOP/s: "
@@ -679,9 +710,9 @@ def render(result: Mapping[str, Any]) -> str:
                  f"{corr['ctm_vs_exact']:.4f}, mtc {corr['mtc_vs_exact']:.4f}")
     lines.append("")
     for t in result["targets"]:
+        threshold = fmt(t["threshold"], 1 if t["threshold"] < 10 else 0)
         lines.append(f"{'MET   ' if t['met'] else 'MISSED'} {t['name']}: "
-                     f"{fmt(t['measured'], 2)} {t['comparison']} {fmt(t['threshold'], 0)} "
-                     f"({t['note']})")
+                     f"{fmt(t['measured'], 2)} {t['comparison']} {threshold} ({t['note']})")
     stages = ", ".join(f"{k} {v:.0f} s (load {result['stage_load_after'][k]:.1f})"
                        for k, v in result["stage_seconds"].items())
     lines.append(f"wall time {result['wall_time_s']:.0f} s; stages: {stages}")
@@ -752,7 +783,7 @@ def run_benchmark(cfg: BenchConfig, command: str, workdir: Path | None = None) -
                    "ctm_vs_exact": relative_difference(kept["ctm"], kept["exact"]),
                    "mtc_vs_exact": relative_difference(kept["mtc"], kept["exact"])}
     result: dict[str, Any] = {
-        "command": command, "config": asdict(cfg),
+        "command": command, "config": asdict(cfg), "ctm_beta": DEFAULT_BETA,
         "machine": {**machine_info(cfg.threads, ("transformers", "peft", "safetensors")),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "flop_formula": inspect.getdoc(ctm_flops),

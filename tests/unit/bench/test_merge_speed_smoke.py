@@ -46,7 +46,10 @@ def test_every_stage_reports(result: dict[str, Any]) -> None:
     assert result["rss"]["peak_rss"] >= result["rss"]["baseline_rss"] > 0
     assert [t["name"] for t in result["targets"]] == [
         "PEFT-svd / CtM compute, worst shape", "PEFT-svd / CtM end to end, per layer",
-        "CtM end to end / floor", "CtM peak RSS (bytes)"]
+        "CtM end to end / floor", "CtM end to end, HOOI / HOSVD", "CtM peak RSS (bytes)"]
+    run = result["floor"]["runs"][0]
+    assert run["hosvd_s"] > 0 and run["hooi_over_hosvd"] == run["e2e_s"] / run["hosvd_s"]
+    assert all(t["hosvd_s"] > 0 and t["sweeps"] >= 1 for t in result["modules"])
 
 
 def test_correctness_facts(result: dict[str, Any]) -> None:
@@ -61,7 +64,7 @@ def test_correctness_facts(result: dict[str, Any]) -> None:
 def test_render_has_the_table(bench: ModuleType, result: dict[str, Any]) -> None:
     text = bench.render(result)
     assert "PEFT-svd ms" in text and "64x160" in text and "floor:" in text
-    assert text.count("MET") + text.count("MISSED") == 4
+    assert text.count("MET") + text.count("MISSED") == 5 and "HOOI / HOSVD: end to end" in text
 
 
 def test_flop_count_by_hand(bench: ModuleType) -> None:
