@@ -23,8 +23,11 @@ from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
 MAX_RANK = 4096
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
+# The best mean normalised accuracy at r = 16 over bench/merge_quality.py's three regimes:
+# ctm + iso 0.554, then mtc + iso and core + iso 0.535, ctm + tsv 0.518, mtc + ta 0.472
+# (BENCHMARKS.md, "Merge quality").
 DEFAULT_METHOD = "ctm"
-DEFAULT_RULE = "ta"
+DEFAULT_RULE = "iso"
 
 
 @dataclass(frozen=True)

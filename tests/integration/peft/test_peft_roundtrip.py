@@ -101,7 +101,8 @@ def test_llama_full_rank_ta_equals_the_sum(llama_adapters: list[Path], tmp_path:
     """Mixed ranks (rank_pattern), alpha_pattern, rsLoRA and partial target overlap."""
     weights = [0.7, 1.0, 0.4]
     out = merge_adapters(llama_adapters, tmp_path / method,
-                         MergeRequest(method=method, rank=13, weights=tuple(weights))).out_dir
+                         MergeRequest(method=method, rule="ta", rank=13,
+                                      weights=tuple(weights))).out_dir
     ours = outputs(load_merged(tiny_llama, out), llama_inputs())
     reference = outputs(peft_cat_reference(tiny_llama, llama_adapters, weights), llama_inputs())
     torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
@@ -132,8 +133,8 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
     adapters = [make_peft_adapter(tiny_gpt2, tmp_path / f"g{i}", c, seed=20 + i)
                 for i, c in enumerate(configs)]
     weights = [1.0, 0.8]
-    out = merge_adapters(adapters, tmp_path / "ctm",
-                         MergeRequest(method="ctm", rank=6, weights=tuple(weights))).out_dir
+    out = merge_adapters(adapters, tmp_path / "ctm", MergeRequest(
+        method="ctm", rule="ta", rank=6, weights=tuple(weights))).out_dir
     ours = outputs(load_merged(tiny_gpt2, out), llama_inputs())
     reference = outputs(peft_cat_reference(tiny_gpt2, adapters, weights), llama_inputs())
     torch.testing.assert_close(ours, reference, atol=ATOL, rtol=1e-4)
@@ -150,7 +151,8 @@ def test_embedding_and_conv2d(tmp_path: Path) -> None:
     adapters = [make_peft_adapter(tiny_embed_conv, tmp_path / f"e{i}", c, seed=30 + i)
                 for i, c in enumerate(configs)]
     ids = torch.tensor([[1, 5, 7, 49]])
-    out = merge_adapters(adapters, tmp_path / "ctm", MergeRequest(method="ctm", rank=5)).out_dir
+    out = merge_adapters(adapters, tmp_path / "ctm",
+                         MergeRequest(method="ctm", rule="ta", rank=5)).out_dir
     torch.testing.assert_close(
         outputs(load_merged(tiny_embed_conv, out), ids),
         outputs(peft_cat_reference(tiny_embed_conv, adapters, [1.0, 1.0]), ids),
@@ -169,7 +171,8 @@ def test_half_precision_inputs_keep_their_dtype(tmp_path: Path) -> None:
     from safetensors.torch import save_file
     save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},
               str(path / "adapter_model.safetensors"))
-    out = merge_adapters([path], tmp_path / "out", MergeRequest(method="ctm", rank=4)).out_dir
+    out = merge_adapters([path], tmp_path / "out",
+                         MergeRequest(method="ctm", rule="ta", rank=4)).out_dir
     merged = load_file(str(out / "adapter_model.safetensors"))
     assert {v.dtype for v in merged.values()} == {torch.bfloat16}
     stored = load_file(str(path / "adapter_model.safetensors"))

@@ -63,7 +63,7 @@ def test_merge_applies_the_request_scale(tmp_path: Path, method: str) -> None:
     """merge_adapters(scale=λ) writes λ·Σ w_t ΔW_t (exact for cat, and for ctm at r = Σ r_t)."""
     inputs = [write_random_adapter(tmp_path / f"in{i}", SHAPES, rank=3, seed=i) for i in range(2)]
     weights, scale = (1.0, -0.5), 0.4
-    request = MergeRequest(method=method, rank=6 if method == "ctm" else None,
+    request = MergeRequest(method=method, rule="ta", rank=6 if method == "ctm" else None,
                            weights=weights, scale=scale)
     out = merge_adapters(inputs, tmp_path / "out", request, device="cpu").out_dir
     merged = dense_deltas(out)
