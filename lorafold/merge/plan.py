@@ -17,7 +17,15 @@ from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
 from lorafold.merge.methods import DEFAULT_BETA, METHODS, MethodSpec, resolve_method
-from lorafold.merge.rules import RuleParams, RuleSpec, check_rule_params, resolve_rule
+from lorafold.merge.rules import (
+    DEFAULT_DENSITY,
+    DEFAULT_DROP,
+    RULES,
+    RuleParams,
+    RuleSpec,
+    check_rule_params,
+    resolve_rule,
+)
 from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
 
 MAX_RANK = 4096
@@ -66,11 +74,16 @@ class MergeRequest:
         return DEFAULT_SUBSPACE if self.subspace is None else self.subspace
 
     def parameters(self) -> dict[str, object]:
-        """The request as recorded in lineage (enough to redo the merge exactly); ctm's
-        defaults are written out, so a later change of default cannot change a re-merge."""
+        """The request as recorded in lineage (enough to redo the merge exactly). Defaults
+        that shape the result (density, drop, ctm's β and subspace) are written out, so a
+        later change of default cannot change a re-merge."""
         ctm = self.method == "ctm"
+        rule = RULES.get(self.rule_name)
+        uses_density, uses_drop = (rule.uses_density, rule.uses_drop) if rule else (False, False)
+        density = DEFAULT_DENSITY if self.density is None and uses_density else self.density
+        drop = DEFAULT_DROP if self.drop is None and uses_drop else self.drop
         return {"method": self.method, "rule": self.rule_name, "rank": self.rank,
-                "density": self.density, "drop": self.drop, "scale": self.scale,
+                "density": density, "drop": drop, "scale": self.scale,
                 "seed": self.seed, "beta": self.ctm_beta if ctm else None,
                 "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype}
 

@@ -43,6 +43,10 @@ def test_lineage_parameters_write_ctm_defaults_out() -> None:
     ctm = MergeRequest(rank=4).parameters()
     assert ctm["beta"] is not None and ctm["subspace"] is not None
     assert MergeRequest(method="mtc", rank=4).parameters()["beta"] is None
+    dare_ties = MergeRequest(rule="dare_ties", rank=4).parameters()
+    assert dare_ties["density"] is not None and dare_ties["drop"] is not None
+    ta = MergeRequest(rule="ta", rank=4).parameters()
+    assert ta["density"] is None and ta["drop"] is None
 
 
 def dense_deltas(directory: Path) -> dict[str, torch.Tensor]:
