@@ -16,6 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafold.errors import (
@@ -115,6 +118,18 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return problem(422, "request_validation_failed", detail, errors=errors)
 
 
+# Redis (job records, the queue, idempotency claims) out of reach: the request may be
+# retried once it is back, so 503 with a code, not a 500.
+REDIS_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+RETRY_AFTER_S = "5"
+
+
+async def redis_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    return problem(503, "queue_unavailable", "the job store (Redis) cannot be reached; retry "
+                   "shortly", headers={"Retry-After": RETRY_AFTER_S})
+
+
 async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("%s %s: unexpected error", request.method, request.url.path)
     return problem(500, "internal_error", "an unexpected error occurred; it has been logged")
@@ -124,6 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LorafoldError, lorafold_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for error in REDIS_UNAVAILABLE:
+        app.add_exception_handler(error, redis_unavailable_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
 
 

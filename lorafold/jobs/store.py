@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _RECORD_FIELDS = frozenset(JobRecord.__dataclass_fields__)
 MAX_LIST_LIMIT = 500
+# Event seqs are the first half of Redis stream ids (64-bit unsigned); `since + 1` must stay
+# one, so larger values are refused here rather than by Redis.
+MAX_EVENT_SEQ = 2**63
 
 
 @dataclass(frozen=True)
@@ -341,8 +344,9 @@ class JobStore:
                since: int = 0) -> builtins.list[dict[str, Any]]:
         """The job's events with `seq` greater than `since`, oldest first."""
         self._checked_id(job_id)
-        if since < 0:
-            raise InvalidRequest(f"since must be >= 0, got {since}", code="invalid_since")
+        if not 0 <= since < MAX_EVENT_SEQ:
+            raise InvalidRequest(f"since must be in [0, {MAX_EVENT_SEQ}), got {since}",
+                                 code="invalid_since")
         pipe = self._redis.pipeline(transaction=False)
         pipe.hget(self._job_key(job_id), "tenant")
         pipe.xrange(self._events_key(job_id), min=f"{since + 1}-0", max="+")

@@ -376,8 +376,11 @@ def test_events_since(store: JobStore) -> None:
     assert [e["seq"] for e in store.events(job.id, tenant="acme", since=2)] == [3, 4]
     assert store.events(job.id, tenant="acme", since=4) == []
     assert store.events(job.id, tenant=None, since=3)[0]["message"] == "b"
-    with pytest.raises(InvalidRequest):
-        store.events(job.id, tenant="acme", since=-1)
+    for since in (-1, 2**63, 10**30):      # 10**30 used to reach Redis as a stream id
+        with pytest.raises(InvalidRequest) as err:
+            store.events(job.id, tenant="acme", since=since)
+        assert err.value.code == "invalid_since"
+    assert store.events(job.id, tenant="acme", since=2**63 - 1) == []
 
 
 def test_event_stream_is_capped_and_keeps_numbering(redis_client: Redis) -> None:

@@ -142,6 +142,11 @@ def test_only_multipart_is_accepted(spool: UploadSpool) -> None:
      "invalid_metadata"),
     ((part("files", b"{}", "adapter_config.json"), part("metadata", b"{oops")),
      "invalid_metadata"),
+    # non-finite numbers used to reach the idempotency fingerprint and answer 500
+    *[((part("files", b"{}", "adapter_config.json"), part("metadata", value)),
+       "invalid_metadata")
+      for value in (b'{"x": NaN}', b'{"x": Infinity}', b'{"x": [-Infinity]}',
+                    b'{"x": {"y": 1e999}}')],
     ((part("files", b"{}", "adapter_config.json"), part("name", b"   ")), "invalid_name"),
 ])
 def test_form_shape_is_checked(spool: UploadSpool, parts: tuple[bytes, ...],
