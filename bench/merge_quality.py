@@ -166,6 +166,10 @@ class Merger:
         own = [read_deltas(a) for a in self.adapters]
         self.stack = {name: torch.stack([d[name] for d in own]) for name in own[0]}
 
+    def own(self, t: int) -> Deltas:
+        """Input t's own dense deltas (from the stack, not read again)."""
+        return {name: stack[t] for name, stack in self.stack.items()}
+
     def merge(self, row: Row, rank: int | None, knobs: Mapping[str, float],
               ) -> tuple[Deltas, dict[str, Any]]:
         """The merged deltas at λ = 1 and facts about the merge (time, captured energy)."""
@@ -293,8 +297,8 @@ def run_seed(world: World, seed: int, rows: Sequence[Row], cfg: QualityConfig, w
              log: Log) -> dict[str, Any]:
     """Every row at every rank (and the β sweep) on one seed's adapters."""
     merger = Merger(world.adapters, seed, workdir)
-    own_deltas = [read_deltas(a) for a in world.adapters]
-    own = {split: [world.evaluator.accuracies(d, split)[t] for t, d in enumerate(own_deltas)]
+    own = {split: [world.evaluator.accuracies(merger.own(t), split)[t]
+                   for t in range(len(world.adapters))]
            for split in ("val", "test")}
     base = {split: world.evaluator.accuracies({}, split) for split in ("val", "test")}
     norms = delta_norms(merger)

@@ -230,11 +230,16 @@ def pretrain_base(cfg: ToyConfig) -> torch.nn.Module:
     return model
 
 
+def plain_recipe(cfg: ToyConfig) -> Recipe:
+    """The config's own recipe: lora_alpha, lora_lr, lora_steps."""
+    return Recipe(alpha=float(cfg.lora_alpha), lr=cfg.lora_lr, steps=cfg.lora_steps)
+
+
 def task_settings(cfg: ToyConfig, seed: int) -> list[Recipe]:
     """Each task's training recipe: the config's own, or (spread) GENTLE to AGGRESSIVE in
     even steps (α and lr geometric, the rest linear), in an order drawn from the seed so
     that no skill is always the largest."""
-    plain = Recipe(alpha=float(cfg.lora_alpha), lr=cfg.lora_lr, steps=cfg.lora_steps)
+    plain = plain_recipe(cfg)
     if not cfg.spread or cfg.tasks == 1:
         return [plain] * cfg.tasks
     order = torch.randperm(cfg.tasks, generator=torch.Generator().manual_seed(30_000 + seed))
@@ -260,7 +265,7 @@ def train_adapter(base: torch.nn.Module, suite: TaskSuite, t: int, cfg: ToyConfi
     """One rank-r LoRA on task t (base frozen), written with PEFT's save_pretrained."""
     from peft import LoraConfig, get_peft_model
 
-    recipe = recipe or Recipe(alpha=float(cfg.lora_alpha), lr=cfg.lora_lr, steps=cfg.lora_steps)
+    recipe = recipe or plain_recipe(cfg)
     torch.manual_seed(seed * 1_000 + t)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
                       target_modules=list(cfg.lora_targets), bias="none")
