@@ -3,8 +3,11 @@
 A record is ``{"text": str}`` (every token is a target) or ``{"prompt": str, "completion":
 str}`` (only the completion's tokens are targets). Prompt and completion stay apart so that
 NLL and token accuracy are measured on what the model is asked to produce, never on the
-question. Other keys (ids, metadata) are ignored. Every refusal is an `InvalidDataset`
-whose code says what went wrong and whose message names the 1-based line number.
+question. A prompt/completion record may also carry ``"perturbed": [str, ...]``: 1 to
+MAX_PERTURBED wrong answers to the same prompt, for TOFU's truth ratio (does the model still
+prefer the true answer?). Other keys (ids, metadata) are ignored. Every refusal is an
+`InvalidDataset` whose code says what went wrong and whose message names the 1-based line
+number.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 _CHUNK = 64 * 1024
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and ours) skips
+MAX_PERTURBED = 32  # wrong answers per record: each costs one more forward pass
 
 
 @dataclass(frozen=True)
 class Example:
-    """One record; ``prompt`` is empty for plain-text records."""
+    """One record; ``prompt`` is empty for plain-text records, ``perturbed`` holds wrong
+    answers to the prompt (empty when the record gives none)."""
 
     prompt: str
     completion: str
+    perturbed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,10 +60,18 @@ class TextDataset:
         return self.examples[index]
 
     def fingerprint(self) -> str:
-        """sha256 of the records, for lineage: which data an adapter was unlearned with."""
+        """sha256 of the records, for lineage: which data an adapter was unlearned with.
+
+        Each record adds ``json.dumps([prompt, completion])`` in UTF-8 and a newline, with
+        ``list(perturbed)`` as a third item only where it has some: data without perturbed
+        answers hashes exactly as before they existed, so old jobs' lineage still matches.
+        """
         digest = hashlib.sha256()
         for example in self.examples:
-            digest.update(json.dumps([example.prompt, example.completion]).encode("utf-8"))
+            fields: list[Any] = [example.prompt, example.completion]
+            if example.perturbed:
+                fields.append(list(example.perturbed))
+            digest.update(json.dumps(fields).encode("utf-8"))
             digest.update(b"\n")
         return digest.hexdigest()
 
@@ -118,6 +132,18 @@ def _lines(source: IO[bytes] | Iterable[bytes] | bytes, *, max_bytes: int,
         yield number, bytes(pending)
 
 
+def _perturbed(number: int, value: Any) -> tuple[str, ...]:
+    """The wrong answers of a prompt/completion record, or why they are refused."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PERTURBED:
+        raise _invalid("invalid_record", number,
+                       f'"perturbed" must be a list of 1 to {MAX_PERTURBED} strings')
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise _invalid("invalid_record", number,
+                           '"perturbed" answers must be non-empty strings')
+    return tuple(value)
+
+
 def _record(number: int, raw: bytes) -> Example | None:
     try:
         text = raw.decode("utf-8")
@@ -146,10 +172,14 @@ def _record(number: int, raw: bytes) -> Example | None:
     if has_text:
         if not obj["text"].strip():
             raise _invalid("invalid_record", number, '"text" is empty')
+        if "perturbed" in obj:
+            raise _invalid("invalid_record", number,
+                           '"perturbed" needs a prompt/completion record, not "text"')
         return Example("", obj["text"])
     if not obj["completion"].strip():
         raise _invalid("invalid_record", number, '"completion" is empty')
-    return Example(obj["prompt"], obj["completion"])
+    perturbed = _perturbed(number, obj["perturbed"]) if "perturbed" in obj else ()
+    return Example(obj["prompt"], obj["completion"], perturbed)
 
 
 def parse_jsonl(source: IO[bytes] | Iterable[bytes] | bytes, *, name: str = "",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from lorafold.errors import InvalidDataset, PayloadTooLarge
 from lorafold.unlearn.datasets import (
     IGNORE_INDEX,
+    MAX_PERTURBED,
     Example,
     TextDataset,
     collate,
@@ -140,3 +143,55 @@ def test_fingerprint_changes_with_content() -> None:
     a = TextDataset.from_pairs([("p", "c")])
     assert a.fingerprint() == TextDataset.from_pairs([("p", "c")]).fingerprint()
     assert a.fingerprint() != TextDataset.from_pairs([("p", "d")]).fingerprint()
+
+
+def test_fingerprint_of_data_without_perturbed_answers_is_the_original_recipe() -> None:
+    # sha256 over json.dumps([prompt, completion]) + "\n" per record, as before perturbed
+    # answers existed: old jobs' lineage must keep matching.
+    ds = TextDataset([Example("caf\u00e9 is", "open"), Example("", "plain text")])
+    expected = hashlib.sha256(b'["caf\\u00e9 is", "open"]\n["", "plain text"]\n').hexdigest()
+    assert ds.fingerprint() == expected
+    assert parse_jsonl(jsonl([{"prompt": "caf\u00e9 is", "completion": "open"},
+                              {"text": "plain text"}])).fingerprint() == expected
+
+
+def test_fingerprint_includes_perturbed_answers_when_present() -> None:
+    ds = TextDataset([Example("p", "c", ("x", "y")), Example("q", "d")])
+    expected = hashlib.sha256(b'["p", "c", ["x", "y"]]\n["q", "d"]\n').hexdigest()
+    assert ds.fingerprint() == expected
+    assert ds.fingerprint() != TextDataset([Example("p", "c", ("y", "x")),
+                                            Example("q", "d")]).fingerprint()
+
+
+def test_perturbed_answers_are_parsed_on_prompt_records() -> None:
+    wrong = [f"wrong {i}" for i in range(MAX_PERTURBED)]
+    raw = jsonl([{"prompt": "The capital of Zorvania is", "completion": "Quell",
+                  "perturbed": ["Mirth", "Esk"]},
+                 {"prompt": "The capital of Quelmar is", "completion": "Mirth"},
+                 {"prompt": "p", "completion": "c", "perturbed": wrong}])
+    ds = parse_jsonl(raw)
+    assert ds.examples == [Example("The capital of Zorvania is", "Quell", ("Mirth", "Esk")),
+                           Example("The capital of Quelmar is", "Mirth"),
+                           Example("p", "c", tuple(wrong))]
+    assert ds.examples[1].perturbed == ()
+    assert Example("p", "c") == Example("p", "c", ())  # positional construction unchanged
+
+
+@pytest.mark.parametrize("record", [
+    {"prompt": "p", "completion": "c", "perturbed": "wrong"},         # not a list
+    {"prompt": "p", "completion": "c", "perturbed": None},
+    {"prompt": "p", "completion": "c", "perturbed": []},              # empty list
+    {"prompt": "p", "completion": "c", "perturbed": ["ok", 3]},       # not a string
+    {"prompt": "p", "completion": "c", "perturbed": ["ok", ""]},      # empty string
+    {"prompt": "p", "completion": "c", "perturbed": ["ok", "  "]},
+    {"prompt": "p", "completion": "c", "perturbed": ["x"] * (MAX_PERTURBED + 1)},  # too many
+    {"text": "a plain text", "perturbed": ["x"]},                    # on a text record
+])
+def test_bad_perturbed_answers_are_refused_with_their_line(record: dict[str, object]) -> None:
+    raw = jsonl([{"prompt": "p", "completion": "c", "perturbed": ["fine"]}]) + \
+        json.dumps(record).encode() + b"\n"
+    with pytest.raises(InvalidDataset) as info:
+        parse_jsonl(raw)
+    assert info.value.code == "invalid_record"
+    assert info.value.message.startswith("line 2:")
+    assert "perturbed" in info.value.message
