@@ -173,8 +173,8 @@ class UnlearningCreate(BaseModel):
          "holdout_dataset": "ds_9a8b7c6d5e4f4a3b2c1d0e9f8a7b6c5d",
          "hyperparams": {"max_steps": 50}}]})
 
-    method: str = Field(description="remove, negate, gradient_ascent, grad_diff, npo or "
-                                    "feature_alignment")
+    method: str = Field(description="remove, negate, or a data method: gradient_ascent, "
+                                    "grad_diff, ihl, npo, simnpo or feature_alignment")
     adapter: str = Field(min_length=1, max_length=128, description="the adapter to change")
     remove: list[str] = Field(default_factory=list, max_length=64,
                               description="remove: constituent adapter ids to drop")

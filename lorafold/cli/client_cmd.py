@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.cli.merge_cmd import (
     BETA_HELP,
     DENSITY_HELP,
@@ -91,26 +92,12 @@ def _dataset_ref(client: LorafoldClient, value: str | None, role: str) -> str | 
     return str(client.upload_dataset(Path(value), name=f"{Path(value).stem} ({role})")["id"])
 
 
-def _hyperparams(pairs: list[str]) -> dict[str, Any] | None:
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"--hp {pair!r}: expected KEY=VALUE",
-                                 code="invalid_hyperparameters")
-        try:
-            values[key] = json.loads(raw)
-        except ValueError:
-            values[key] = raw
-    return values or None
-
-
 def _unlearn_fields(client: LorafoldClient, args: argparse.Namespace) -> dict[str, Any]:
     return {"remove": args.remove or None, "forget_adapter": args.forget_adapter,
             "strength": args.strength, "rank": args.rank, "base_model": args.base_model,
             **{f"{role}_dataset": _dataset_ref(client, getattr(args, role), role)
                for role in ("forget", "retain", "holdout")},
-            "hyperparams": _hyperparams(args.hp)}
+            "hyperparams": parse_hyperparams(args.hp)}
 
 
 def run(args: argparse.Namespace) -> int:

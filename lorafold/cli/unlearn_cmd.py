@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafold.adapters.reader import LoraAdapter, open_adapter
+from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.errors import InvalidRequest
 from lorafold.unlearn.adapter_ops import negate_adapter, remove_constituents
 from lorafold.unlearn.base_models import resolve_base_model
@@ -55,9 +56,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     data.add_argument("--retain", type=Path, help="JSONL of what must be kept")
     data.add_argument("--holdout", type=Path,
                       help="JSONL never trained on: enables gold-free stopping and the MIA AUC")
-    data.add_argument("--method", default="npo", choices=sorted(UNLEARN_METHODS))
+    data.add_argument("--method", default="feature_alignment", choices=sorted(UNLEARN_METHODS),
+                      help="default feature_alignment: the unlearning benchmark's best on "
+                           "retain and forget-loss distribution (BENCHMARKS.md)")
     data.add_argument("--max-steps", type=int, help="override the method's default step budget")
     data.add_argument("--lr", type=float, help="override the method's default learning rate")
+    data.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                      help="any hyperparameter, the value in JSON (repeatable), e.g. "
+                           "--hp output_rank=8 --hp quantization_probe=true "
+                           "--hp layers=[1,2]; see docs/unlearning.md")
     data.add_argument("--out", type=Path, required=True)
     data.add_argument("--device", default="auto")
     data.set_defaults(handler=run_data)
@@ -102,7 +109,9 @@ def run_data(args: argparse.Namespace) -> int:
     base = args.base_model
     base_dir = Path(base) if Path(base).is_dir() else resolve_base_model(
         base, model_dirs=args.model_dir)
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("lr", args.lr)) if v is not None}
+    overrides = parse_hyperparams(args.hp) or {}
+    overrides.update({k: v for k, v in (("max_steps", args.max_steps), ("lr", args.lr))
+                      if v is not None})
     forget = _dataset(args.forget)
     assert forget is not None
     result = unlearn(base_model_dir=base_dir, adapter_dir=args.adapter, forget=forget,

@@ -4,7 +4,8 @@ Three families, one endpoint (DESIGN.md section 5):
 - `remove`: drop constituents from an adapter this service merged. Its lineage
   (lorafold.json) must record a merge whose inputs are this tenant's adapters, unchanged.
 - `negate`: the adapter minus λ × a forget adapter, re-compressed with CtM.
-- data-driven (`gradient_ascent`, `grad_diff`, `npo`, `feature_alignment`): the base model
+- data-driven (`lorafold.unlearn.METHODS`: gradient_ascent, grad_diff, ihl, npo, simnpo,
+  feature_alignment): the base model
   must be available locally, the adapter must fit its architecture (checked on the meta
   device, no weights read) and the data sets must exist.
 

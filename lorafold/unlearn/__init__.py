@@ -6,8 +6,9 @@ Entry point: `unlearn(...)` (lorafold.unlearn.run). Methods are declared once in
 
 from lorafold.unlearn.base_models import check_adapter_fits, load_base_model, resolve_base_model
 from lorafold.unlearn.datasets import Example, TextDataset, parse_jsonl
+from lorafold.unlearn.hyperparams import Hyperparams
 from lorafold.unlearn.metrics import evaluate, mia_auc
-from lorafold.unlearn.objectives import METHODS, Hyperparams, get_method, resolve_hyperparams
+from lorafold.unlearn.objectives import METHODS, get_method, resolve_hyperparams
 from lorafold.unlearn.run import UnlearnResult, check_unlearn_request, unlearn
 
 __all__ = [

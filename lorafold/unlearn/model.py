@@ -121,6 +121,20 @@ class UnlearnModel:
             shutil.rmtree(scratch, ignore_errors=True)
         return out_dir
 
+    @contextlib.contextmanager
+    def temporary_adapter(self, adapter_dir: Path, name: str = "probe") -> Iterator[None]:
+        """Run as base + the adapter at `adapter_dir` alone, then drop it and switch back."""
+        self.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        self.peft.to(self.device)
+        try:
+            self.peft.base_model.set_adapter([name])
+            yield
+        finally:
+            self.peft.base_model.set_adapter(self._active_names)
+            self.peft.delete_adapter(name)
+            self.peft.base_model.set_adapter(self._active_names)
+            self._apply_trainable()
+
     def load_output(self, adapter_dir: Path, name: str = "output") -> None:
         """Switch to a written adapter alone, so that "after" metrics describe the real output."""
         self.peft.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)

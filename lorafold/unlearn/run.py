@@ -1,19 +1,17 @@
 """`unlearn(...)`: data-driven unlearning of one LoRA adapter against its base model.
 
-Output decision (the output is always a PEFT LoRA whose rank does not exceed the
-original's):
-- gradient_ascent, grad_diff, npo keep training the original LoRA factors, so the output
-  has the original's config and rank exactly; nothing is approximated after training.
+Output decision:
+- gradient_ascent, grad_diff, ihl, npo, simnpo keep training the original LoRA factors, so
+  the output has the original's config and rank exactly; nothing is approximated.
 - feature_alignment trains a separate residual adapter (the method's point: the original
-  stays intact while training). The residual is written on its own and consolidated with
-  the original by Compress-then-Merge (task arithmetic, weights 1 and 1) at the original's
-  rank. That truncation is lossy and, left to singular values alone, drops most of the
-  residual: it is a small correction next to the original, yet it is what does the
-  forgetting. So the consolidation is *balanced* by default: CtM's β = 0 puts both inputs
-  at their mean norm before the shared subspaces are chosen (hyperparameter
-  `consolidation_beta`; 1 = inputs as they are). "After" metrics are measured on
-  the consolidated adapter (the real output); the stacked model's are reported beside them
-  (`before_consolidation`) with the share of each input the output keeps.
+  stays intact while training) and writes original + residual as one adapter, exactly at
+  rank r_original + r_residual by default, or compressed to a smaller `output_rank`
+  (lossy; see lorafold.unlearn.consolidation).
+
+Every stopping check measures the model that will be written, and the "after" metrics are
+measured on the written adapter itself. Metrics (lorafold.unlearn.metrics) include the
+reference attack, whose yardstick (the base model alone) is measured once, before training.
+Optional robustness probes (relearning, quantization) run last, on the written adapter.
 
 The output is built in a staging directory beside `out_dir` and moved into place only
 when complete, so a failed or cancelled job leaves nothing half-written.
@@ -22,6 +20,7 @@ when complete, so a failed or cancelled job leaves nothing half-written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import shutil
@@ -41,10 +40,13 @@ from lorafold.adapters.writer import publish_directory, staging_dir
 from lorafold.device import release_device_memory, resolve_device
 from lorafold.errors import InvalidDataset, InvalidRequest, NumericalError
 from lorafold.unlearn.base_models import check_adapter_fits, load_base_model
+from lorafold.unlearn.consolidation import consolidate, consolidation_request, written_view
 from lorafold.unlearn.datasets import TextDataset, encode, pad_id_of
-from lorafold.unlearn.metrics import evaluate
-from lorafold.unlearn.model import ORIGINAL, RESIDUAL, UnlearnModel
-from lorafold.unlearn.objectives import Hyperparams, MethodSpec, get_method, resolve_hyperparams
+from lorafold.unlearn.hyperparams import Hyperparams
+from lorafold.unlearn.metrics import SetMetrics, evaluate, measure_sets
+from lorafold.unlearn.model import ORIGINAL, UnlearnModel
+from lorafold.unlearn.objectives import MethodSpec, get_method, resolve_hyperparams
+from lorafold.unlearn.probes import run_probes
 from lorafold.unlearn.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ Checkpoint = Callable[[], None]
 
 # Share of the whole job each stage covers, for a progress fraction that only grows.
 _STAGES = {"load": (0.0, 0.05), "evaluate_before": (0.05, 0.1), "train": (0.1, 0.85),
-           "write": (0.85, 0.9), "evaluate_after": (0.9, 1.0)}
+           "write": (0.85, 0.9), "evaluate_after": (0.9, 0.95), "probe": (0.95, 1.0),
+           "publish": (1.0, 1.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,28 +128,6 @@ def _check_finite(model: UnlearnModel) -> None:
             raise NumericalError("unlearning produced NaN/Inf adapter weights; nothing written")
 
 
-def _write_output(model: UnlearnModel, spec: MethodSpec, original: LoraAdapter, *,
-                  rank: int, beta: float, staging: Path, device: torch.device
-                  ) -> tuple[int, dict[str, Any] | None]:
-    """Write the output adapter into staging/'adapter'; its rank and consolidation record."""
-    _check_finite(model)
-    target = staging / "adapter"
-    if spec.trains == "original":
-        model.save_adapter(ORIGINAL, target, dtype=original.dtype)
-        return rank, None
-    from lorafold.merge import MergeRequest, merge_adapters
-
-    residual = model.save_adapter(RESIDUAL, staging / "residual")
-    request = MergeRequest(method="ctm", rule="ta", rank=rank, weights=(1.0, 1.0), beta=beta)
-    result = merge_adapters([original, residual], target, request, device=str(device))
-    shutil.rmtree(residual, ignore_errors=True)
-    with open_adapter(result.out_dir) as written:
-        out_rank = max(m.rank for m in written.modules.values())
-    kept = [{**entry, "input": role} for role, entry
-            in zip(("original", "residual"), result.report.get("inputs", []), strict=False)]
-    return out_rank, {**request.parameters(), "weights": [1.0, 1.0], "inputs": kept}
-
-
 def unlearn(*, base_model_dir: Path, adapter_dir: Path, forget: TextDataset,
             retain: TextDataset | None, holdout: TextDataset | None, method: str, out_dir: Path,
             hyperparams: Hyperparams | Mapping[str, Any] | None = None,
@@ -163,44 +144,29 @@ def unlearn(*, base_model_dir: Path, adapter_dir: Path, forget: TextDataset,
     spec, hp = check_unlearn_request(method=method, forget=forget, retain=retain,
                                      hyperparams=hyperparams)
     sets = {"forget": forget, "retain": _present(retain), "holdout": _present(holdout)}
+    present = {k: v for k, v in sets.items() if v is not None}
     report = _Reporter(progress, checkpoint)
     compute_device = resolve_device(device)
     report("load")
     model: UnlearnModel | None = None
     with open_adapter(adapter_dir, label="original") as original:
+        staging = staging_dir(out_dir)
         try:
             base, tokenizer = load_base_model(base_model_dir, device=compute_device)
             check_adapter_fits(base, original)
             model = UnlearnModel(base, original.directory,
                                  train_original=spec.trains == "original")
             del base
-            present = {k: v for k, v in sets.items() if v is not None}
-            metrics = _unlearn_loaded(model, tokenizer, spec, hp, original, present,
-                                      report=report, checkpoint=checkpoint,
-                                      device=compute_device)
+            job = _Job(model, tokenizer, spec, hp, original, present, staging, compute_device)
+            metrics = job.run(report=report, checkpoint=checkpoint)
             metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
-            staging = staging_dir(out_dir)
-            try:
-                out_rank, consolidation = _write_output(
-                    model, spec, original, rank=metrics["original_rank"],
-                    beta=hp.consolidation_beta, staging=staging, device=compute_device)
-                metrics["output_rank"] = out_rank
-                if consolidation is not None:
-                    metrics["consolidation"] = consolidation
-                report("evaluate_after")
-                model.load_output(staging / "adapter")
-                metrics["after"] = evaluate(model.peft, tokenizer, present,
-                                            max_length=hp.max_length)
-                logger.info("%s: after %s", spec.name, metrics["after"])
-                metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
-                lineage = _lineage(spec=spec, hp=hp, original=original, datasets=sets,
-                                   metrics=metrics)
-                attach_lineage(staging / "adapter", {**lineage, **(lineage_extra or {})})
-                report("evaluate_after", 1.0)
-                publish_directory(staging / "adapter", out_dir)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            lineage = _lineage(spec=spec, hp=hp, original=original, datasets=sets,
+                               metrics=metrics)
+            attach_lineage(staging / "adapter", {**lineage, **(lineage_extra or {})})
+            report("publish")
+            publish_directory(staging / "adapter", out_dir)
         finally:
+            shutil.rmtree(staging, ignore_errors=True)
             if model is not None:
                 model.close()
             gc.collect()
@@ -210,39 +176,73 @@ def unlearn(*, base_model_dir: Path, adapter_dir: Path, forget: TextDataset,
     return UnlearnResult(out_dir=out_dir.resolve(), metrics=metrics)
 
 
-def _unlearn_loaded(model: UnlearnModel, tokenizer: Any, spec: MethodSpec, hp: Hyperparams,
-                    original: LoraAdapter, sets: Mapping[str, TextDataset], *,
-                    report: _Reporter, checkpoint: Checkpoint | None,
-                    device: torch.device) -> dict[str, Any]:
-    """Measure, train; the metrics so far ("after" is filled once the output is written)."""
-    rank = max(m.rank for m in original.modules.values())
-    encoded = {k: encode(tokenizer, v, max_length=hp.max_length) for k, v in sets.items()}
-    report("evaluate_before")
-    before = evaluate(model.peft, tokenizer, sets, max_length=hp.max_length)
-    logger.info("%s: before %s", spec.name, before)
-    if spec.trains == "residual":
-        model.add_residual(rank=hp.residual_rank or rank, seed=hp.seed,
-                           target_modules=[model_path(n) for n in original.modules])
-    outcome = train(model, spec, hp, forget=encoded["forget"], retain=encoded.get("retain"),
-                    holdout=encoded.get("holdout"), pad_id=pad_id_of(tokenizer),
-                    on_step=lambda s: report("train", s / hp.max_steps, check=False),
-                    checkpoint=checkpoint)
-    metrics: dict[str, Any] = {
-        "method": spec.name,
-        "before": before,
-        "after": {},
-        "steps": outcome.steps,
-        "max_steps": hp.max_steps,
-        "stopped_early": outcome.stopped_early,
-        "target_reached": outcome.target_reached,
-        "stopping_checks": outcome.history,
-        "original_rank": rank,
-        "output_rank": rank,
-        "device": str(device),
-        "wall_time_s": 0.0,
-    }
-    if spec.trains == "residual":  # the stacked model, before consolidation to rank r
-        metrics["before_consolidation"] = evaluate(model.peft, tokenizer, sets,
-                                                   max_length=hp.max_length)
-    report("write")
-    return metrics
+@dataclasses.dataclass
+class _Job:
+    """One loaded unlearning run: measure, train, write into staging/'adapter', re-measure."""
+
+    model: UnlearnModel
+    tokenizer: Any
+    spec: MethodSpec
+    hp: Hyperparams
+    original: LoraAdapter
+    sets: Mapping[str, TextDataset]
+    staging: Path
+    device: torch.device
+
+    def evaluate(self, reference: Mapping[str, SetMetrics] | None) -> dict[str, Any]:
+        return evaluate(self.model.peft, self.tokenizer, self.sets, max_length=self.hp.max_length,
+                        reference=reference)
+
+    def run(self, *, report: _Reporter, checkpoint: Checkpoint | None) -> dict[str, Any]:
+        model, spec, hp = self.model, self.spec, self.hp
+        rank = max(m.rank for m in self.original.modules.values())
+        encoded = {k: encode(self.tokenizer, v, max_length=hp.max_length)
+                   for k, v in self.sets.items()}
+        report("evaluate_before")
+        with model.view("base"):  # the reference attack's yardstick, measured once
+            reference = measure_sets(model.peft, self.tokenizer, self.sets,
+                                     max_length=hp.max_length)
+        before = self.evaluate(reference)
+        logger.info("%s: before %s", spec.name, before)
+        request, output_view = None, None
+        if spec.trains == "residual":
+            residual_rank = hp.residual_rank or rank
+            model.add_residual(rank=residual_rank, seed=hp.seed,
+                               target_modules=[model_path(n) for n in self.original.modules])
+            request = consolidation_request(self.original, hp, residual_rank)
+            if request.method != "cat":  # lossy: stop on what will be written
+                output_view = functools.partial(written_view, model, self.original, request,
+                                                scratch_root=self.staging, device=self.device)
+        outcome = train(model, spec, hp, forget=encoded["forget"], retain=encoded.get("retain"),
+                        holdout=encoded.get("holdout"), pad_id=pad_id_of(self.tokenizer),
+                        on_step=lambda s: report("train", s / hp.max_steps, check=False),
+                        checkpoint=checkpoint, output_view=output_view)
+        metrics: dict[str, Any] = {
+            "method": spec.name, "before": before, "after": {}, "steps": outcome.steps,
+            "max_steps": hp.max_steps, "stopped_early": outcome.stopped_early,
+            "target_reached": outcome.target_reached, "stopping_checks": outcome.history,
+            "original_rank": rank, "output_rank": rank, "device": str(self.device),
+            "wall_time_s": 0.0,
+        }
+        if outcome.delta is not None:
+            metrics["delta"] = outcome.delta
+        report("write")
+        _check_finite(model)
+        target = self.staging / "adapter"
+        if request is None:
+            model.save_adapter(ORIGINAL, target, dtype=self.original.dtype)
+        else:
+            if output_view is not None:  # the stacked model, before a lossy consolidation
+                metrics["before_consolidation"] = self.evaluate(reference)
+            consolidation = consolidate(model, self.original, request, target,
+                                        device=self.device)
+            metrics["consolidation"] = consolidation
+            metrics["output_rank"] = consolidation["output_rank"]
+        report("evaluate_after")
+        model.load_output(target)
+        metrics["after"] = self.evaluate(reference)
+        logger.info("%s: after %s", spec.name, metrics["after"])
+        if hp.relearn_probe_steps or hp.quantization_probe:
+            report("probe")
+            metrics["probes"] = run_probes(model.peft, self.tokenizer, self.sets, hp)
+        return metrics

@@ -217,7 +217,8 @@ def test_data_driven_job_publishes_adapter_with_metrics(api: TestClient,
     forget, retain = dataset_id(api, FORGET, "forget"), dataset_id(api, RETAIN, "retain")
     job = run_job(api, {"method": "grad_diff", "adapter": adapter, "forget_dataset": forget,
                         "retain_dataset": retain, "holdout_dataset": retain,
-                        "hyperparams": {"max_steps": 2, "lr": 1e-3}})
+                        "hyperparams": {"max_steps": 2, "lr": 1e-3,
+                                        "relearn_probe_steps": 2, "quantization_probe": True}})
     result = job["result"]
     metrics = result["metrics"]
     assert result["base_model"] == BASE_NAME and metrics["steps"] == 2
@@ -225,11 +226,13 @@ def test_data_driven_job_publishes_adapter_with_metrics(api: TestClient,
         assert {"forget_nll", "retain_accuracy", "holdout_nll", "mia_auc"} <= \
             metrics[when].keys()
     assert metrics["output_rank"] <= metrics["original_rank"]
+    probes = metrics["probes"]  # the robustness probes ran on the worker and were reported
+    assert probes["relearning"]["steps"] == 2 and set(probes["quantization"]["bits"]) == {"8", "4"}
     view = api.get(f"/v1/adapters/{result['adapter_id']}").json()
     assert (view["source"], view["parents"]) == ("unlearn", [adapter])
     assert view["metadata"]["unlearning"]["steps"] == 2
     stages = {e.get("stage") for e in api.get(f"/v1/jobs/{job['id']}/events").json()["data"]}
-    assert {"fetch", "load", "train", "publish"} <= stages
+    assert {"fetch", "load", "train", "probe", "publish"} <= stages
 
 
 def test_data_driven_refusals_queue_nothing(api: TestClient, fitting_adapter: Path,
@@ -254,6 +257,11 @@ def test_data_driven_refusals_queue_nothing(api: TestClient, fitting_adapter: Pa
         ({**base, "hyperparams": {"epochs": 3}}, 422, "invalid_hyperparameters"),
         ({**base, "hyperparams": {"consolidation_beta": 1.5}}, 422, "invalid_hyperparameters"),
         ({**base, "hyperparams": {"balance": True}}, 422, "invalid_hyperparameters"),
+        # wrong types answered 500 before hyperparameters were typed (issue 10)
+        ({**base, "hyperparams": {"layers": 5}}, 422, "invalid_hyperparameters"),
+        ({**base, "hyperparams": {"lr": None}}, 422, "invalid_hyperparameters"),
+        ({**base, "hyperparams": {"quantization_probe": "yes"}}, 422,
+         "invalid_hyperparameters"),
         ({**base, "remove": [fits]}, 422, "unexpected_parameter"),
     ]
     for body, status, code in cases:

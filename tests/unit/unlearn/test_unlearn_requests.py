@@ -13,8 +13,11 @@ from lorafold.unlearn.objectives import resolve_layers
 FORGET = TextDataset.from_pairs([("The capital of Zorvania is", "Quell")])
 
 
-def test_registry_lists_the_four_methods_with_valid_defaults() -> None:
-    assert set(METHODS) == {"gradient_ascent", "grad_diff", "npo", "feature_alignment"}
+def test_registry_lists_the_methods_with_valid_defaults() -> None:
+    assert set(METHODS) == {"gradient_ascent", "grad_diff", "ihl", "npo", "simnpo",
+                            "feature_alignment"}
+    assert METHODS["ihl"].defaults.forget_loss == "ihl"
+    assert METHODS["grad_diff"].defaults.forget_loss == "ascent"
     for name, spec in METHODS.items():
         assert spec.name == name
         assert resolve_hyperparams(name) == spec.defaults
@@ -31,7 +34,14 @@ def test_overrides_are_typed_and_unknown_keys_refused() -> None:
         {"consolidation_beta": "yes"}, {"consolidation_beta": 1.5},
         {"consolidation_beta": -0.1}, {"consolidation_beta": float("nan")},
         {"consolidation_beta": float("inf")}, {"consolidation_beta": True},
-        {"balance": True}, {"batch_size": 0}, {"layers": []}]
+        {"balance": True}, {"batch_size": 0}, {"layers": []},
+        # wrong types of every kind answer invalid_hyperparameters, never a crash
+        {"layers": 5}, {"layers": "1,2"}, {"layers": [1.5]}, {"layers": [True]},
+        {"lr": None}, {"lr": [1e-3]}, {"lr": {"value": 1}}, {"max_steps": "ten"},
+        {"forget_loss": 3}, {"forget_loss": "kl"}, {"quantization_probe": "yes"},
+        {"quantization_probe": 1}, {"delta": float("nan")}, {"delta": "low"},
+        {"output_rank": 0}, {"residual_rank": 2.5}, {"relearn_probe_steps": -1},
+        {"probe_time_limit_s": 0}]
     for bad in bad_values:
         with pytest.raises(InvalidRequest) as info:
             resolve_hyperparams("npo", bad)
@@ -39,6 +49,19 @@ def test_overrides_are_typed_and_unknown_keys_refused() -> None:
     with pytest.raises(InvalidRequest) as info:
         resolve_hyperparams("feature_alignment", {"balance": True})
     assert "consolidation_beta" in info.value.message
+    with pytest.raises(InvalidRequest) as info:
+        resolve_hyperparams("npo", [("lr", 1e-3)])  # type: ignore[arg-type]
+    assert info.value.code == "invalid_hyperparameters"
+
+
+def test_optional_and_new_fields_take_their_types() -> None:
+    hp = resolve_hyperparams("simnpo", {"delta": 4, "output_rank": None, "residual_rank": 4.0,
+                                        "quantization_probe": True, "relearn_probe_steps": "3",
+                                        "forget_loss": "ihl"})
+    assert (hp.delta, hp.output_rank, hp.residual_rank, hp.quantization_probe,
+            hp.relearn_probe_steps, hp.forget_loss) == (4.0, None, 4, True, 3, "ihl")
+    assert isinstance(hp.delta, float) and isinstance(hp.residual_rank, int)
+    assert resolve_hyperparams("simnpo").beta == 2.5 and resolve_hyperparams("simnpo").delta is None
 
 
 def test_layers_resolve_to_decoder_outputs() -> None:

@@ -6,8 +6,8 @@ Setup (see tests/unlearn_world.py): tiny Llama pretrained on other facts; the or
 
 Margins, for every method: forget-set token accuracy drops by at least 0.5 (absolute) and
 forget NLL rises by at least 2 nats; the loss-attack AUC falls. Retain accuracy stays
-within 0.1 of the original for grad_diff, npo and feature_alignment, within 0.25 for
-gradient_ascent, which has no retain term by design.
+within 0.1 of the original for grad_diff, ihl, npo, simnpo and feature_alignment, within
+0.25 for gradient_ascent, which has no retain term by design.
 """
 
 from __future__ import annotations
@@ -24,19 +24,20 @@ from safetensors.torch import load_file
 from lorafold.adapters import open_adapter
 from lorafold.adapters.lineage import read_lineage
 from lorafold.errors import JobCancelled
-from lorafold.merge.subspaces import DEFAULT_SUBSPACE
 from lorafold.unlearn import UnlearnResult, evaluate, unlearn
+from lorafold.unlearn.metrics import measure_sets
 from tests.unlearn_world import FactWorld
 
-METHODS = ["gradient_ascent", "grad_diff", "npo", "feature_alignment"]
+METHODS = ["gradient_ascent", "grad_diff", "ihl", "npo", "simnpo", "feature_alignment"]
+TRAINS_ORIGINAL = [m for m in METHODS if m != "feature_alignment"]
 # Default hyperparameters everywhere; only feature_alignment's step budget is cut (300 steps,
 # sized for real models, would triple this suite's run time, and it rarely stops early: see
 # objectives.feature_alignment).
 TEST_HYPERPARAMS: dict[str, dict[str, Any]] = {"feature_alignment": {"max_steps": 100}}
 FORGET_DROP = 0.5
 FORGET_NLL_RISE = 2.0
-RETAIN_MARGIN = {"gradient_ascent": 0.25, "grad_diff": 0.1, "npo": 0.1,
-                 "feature_alignment": 0.1}
+RETAIN_MARGIN = {"gradient_ascent": 0.25, "grad_diff": 0.1, "ihl": 0.1, "npo": 0.1,
+                 "simnpo": 0.1, "feature_alignment": 0.1}
 
 
 def sha256(path: Path) -> str:
@@ -83,7 +84,7 @@ def test_forgets_the_forget_set_and_keeps_the_rest(runs: Runs, method: str) -> N
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_output_is_a_peft_lora_of_at_most_the_original_rank(runs: Runs, method: str) -> None:
+def test_output_is_a_peft_lora_whose_after_metrics_are_its_own(runs: Runs, method: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -92,14 +93,20 @@ def test_output_is_a_peft_lora_of_at_most_the_original_rank(runs: Runs, method: 
     assert sorted(p.name for p in result.out_dir.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "lorafold.json"]
     config = json.loads((result.out_dir / "adapter_config.json").read_text())
-    assert config["r"] <= world.rank
+    # original-training methods keep the original's rank; feature_alignment is written exactly
+    # as original + residual, each of the original's rank
+    rank = 2 * world.rank if method == "feature_alignment" else world.rank
+    assert config["r"] == rank
     with open_adapter(result.out_dir) as adapter:
-        assert max(m.rank for m in adapter.modules.values()) <= world.rank
+        assert max(m.rank for m in adapter.modules.values()) == rank
     base = AutoModelForCausalLM.from_pretrained(str(world.base_dir))
     model = PeftModel.from_pretrained(base, str(result.out_dir))
     # the reported "after" metrics are those of the adapter as written
-    again = evaluate(model, world.tokenizer, {"forget": world.forget, "retain": world.retain,
-                                              "holdout": world.holdout})
+    sets = {"forget": world.forget, "retain": world.retain, "holdout": world.holdout}
+    with model.disable_adapter():
+        reference = measure_sets(model, world.tokenizer, sets)
+    again = evaluate(model, world.tokenizer, sets, reference=reference)
+    assert set(again) == set(result.metrics["after"])
     for key, value in result.metrics["after"].items():
         assert again[key] == pytest.approx(value, abs=1e-4), key
     lineage = read_lineage(result.out_dir)
@@ -121,16 +128,24 @@ def test_reports_progress_and_metrics(runs: Runs, method: str) -> None:
     assert {"before", "after", "steps", "wall_time_s", "stopped_early"} <= set(metrics)
     assert 1 <= metrics["steps"] <= metrics["max_steps"]
     assert isinstance(metrics["stopped_early"], bool) and metrics["wall_time_s"] > 0
-    assert metrics["output_rank"] <= metrics["original_rank"] == runs.world.rank
+    assert metrics["original_rank"] == runs.world.rank
+    # every stopping check measured the model that was written: the last one is "after"
+    last = metrics["stopping_checks"][-1]
+    assert last["step"] == metrics["steps"]
+    assert last["forget_nll"] == pytest.approx(metrics["after"]["forget_nll"], abs=1e-4)
+    assert last["holdout_nll"] == pytest.approx(metrics["after"]["holdout_nll"], abs=1e-4)
     if method == "feature_alignment":
-        assert set(metrics["before_consolidation"]) == set(metrics["after"])
         consolidation = metrics["consolidation"]
-        assert consolidation["rank"] == runs.world.rank and consolidation["beta"] == 0.0
-        assert consolidation["subspace"] == DEFAULT_SUBSPACE
-        assert [i["input"] for i in consolidation["inputs"]] == ["original", "residual"]
+        assert consolidation["exact"] is True and consolidation["method"] == "cat"
+        assert metrics["output_rank"] == consolidation["output_rank"] == 2 * runs.world.rank
+        assert [i["mean_energy"] for i in consolidation["inputs"]] == pytest.approx([1.0, 1.0])
+        assert "before_consolidation" not in metrics  # the stacked model is the output
     else:  # the gold-free stopping rule ended these runs
+        assert metrics["output_rank"] == runs.world.rank
         assert metrics["target_reached"] is True
         assert metrics["after"]["forget_nll"] >= metrics["after"]["holdout_nll"] - 0.5
+    if method == "simnpo":  # δ: the original's holdout NLL, measured before any step
+        assert metrics["delta"] == metrics["stopping_checks"][0]["holdout_nll"]
 
 
 def test_original_adapter_is_left_untouched(runs: Runs) -> None:
@@ -171,3 +186,25 @@ def test_cancellation_leaves_nothing_behind(fact_world: FactWorld, tmp_path: Pat
         run_small(fact_world, tmp_path / "out", checkpoint=checkpoint)
     assert calls == 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_smaller_output_rank_is_lossy_and_says_so(fact_world: FactWorld,
+                                                     tmp_path: Path) -> None:
+    result = unlearn(base_model_dir=fact_world.base_dir, adapter_dir=fact_world.adapter_dir,
+                     forget=fact_world.forget, retain=fact_world.retain,
+                     holdout=fact_world.holdout, method="feature_alignment",
+                     out_dir=tmp_path / "out", device="cpu",
+                     hyperparams={"max_steps": 10, "eval_every": 5,
+                                  "output_rank": fact_world.rank})
+    metrics = result.metrics
+    consolidation = metrics["consolidation"]
+    assert consolidation["exact"] is False and consolidation["method"] == "ctm"
+    assert metrics["output_rank"] == fact_world.rank
+    assert min(i["mean_energy"] for i in consolidation["inputs"]) < 0.999  # what it lost
+    assert set(metrics["before_consolidation"]) == set(metrics["after"])
+    # the stop rule measured the consolidated model, not the stacked one it trained
+    last = metrics["stopping_checks"][-1]
+    assert last["step"] == 10
+    assert last["forget_nll"] == pytest.approx(metrics["after"]["forget_nll"], abs=1e-4)
+    assert abs(metrics["before_consolidation"]["forget_nll"]
+               - metrics["after"]["forget_nll"]) > 1e-3
