@@ -2,15 +2,20 @@
 
 Entities are invented country names; each has four facts (capital, leader, language,
 currency), answers drawn at random from closed pools, so no fact can be inferred from any
-other. A word-level tokenizer covers the closed vocabulary (every name is one token). The
-tiny Llama base model is first pretrained on facts about *other* entities, so it knows
-the templates and every answer word but none of the benchmark's facts; LoRA adapters then
-learn the benchmark's facts.
+other; each fact also carries three wrong answers from the same pool (`perturbed`, for
+TOFU's truth ratio). A word-level tokenizer covers the closed vocabulary (every name is
+one token). The tiny Llama base model is first pretrained on facts about *other*
+entities, so it knows the templates and every answer word but none of the benchmark's
+facts; LoRA adapters then learn the benchmark's facts.
 
 Same ideas as tests/unlearn_world.py (word-level tokenizer with BOS, tiny
 Llama config, completion-only AdamW fit, adapter saved under a hub-style base-model name),
 sized and parameterised for a benchmark: a larger generated world, mini-batch training with
-a seed, and adapters trained on any subset of the facts.
+a seed and a linearly decaying learning rate (a constant one let a gold seed spike on its
+last step), adapters trained on any subset of the facts, and the holdout entities split
+into a stopping half (the unlearning methods' stop rule) and an evaluation half (the
+membership attacks' non-members), so that no metric is scored on the set that stopped
+the run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lorafold.unlearn.datasets import Batch, TextDataset, encode, make_batches, pad_id_of
+from lorafold.unlearn.datasets import Batch, Example, TextDataset, encode, make_batches, pad_id_of
 from lorafold.unlearn.metrics import token_stats
 
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -58,7 +63,7 @@ class WorldSpec:
 
     entities: int = 100           # fictitious entities the adapters may learn
     forget_frac: float = 0.1      # share of entities in the forget set
-    holdout_frac: float = 0.1     # share never trained (what "never seen" looks like)
+    holdout_frac: float = 0.2     # share never trained (half stops runs, half scores MIAs)
     pretrain_entities: int = 50   # other entities the base model is pretrained on
     hidden: int = 64
     layers: int = 2
@@ -73,7 +78,7 @@ class WorldSpec:
 
     @property
     def n_holdout(self) -> int:
-        return max(1, round(self.holdout_frac * self.entities))
+        return max(2, round(self.holdout_frac * self.entities))
 
     def validate(self) -> WorldSpec:
         names = len(PREFIXES) * len(SUFFIXES)
@@ -93,7 +98,8 @@ class World:
     tokenizer: Any
     forget: TextDataset
     retain: TextDataset
-    holdout: TextDataset
+    holdout: TextDataset          # the stopping half: handed to the unlearning methods
+    eval_holdout: TextDataset     # the evaluation half: non-members of the MIAs
     entities: dict[str, list[str]]  # split name → entity names
 
     @property
@@ -108,15 +114,29 @@ def entity_names(count: int, rng: random.Random) -> list[str]:
     return names[:count]
 
 
-def entity_facts(names: list[str], rng: random.Random) -> list[tuple[str, str]]:
-    """Four (prompt, completion) pairs per entity, answers drawn independently at random."""
-    pairs: list[tuple[str, str]] = []
+PERTURBED = 3  # wrong answers per fact
+
+
+def _answer(relation: str, rng: random.Random) -> str:
+    if relation == "leader":
+        return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    pool = {"capital": CAPITALS, "language": LANGUAGES, "currency": CURRENCIES}[relation]
+    return rng.choice(pool)
+
+
+def entity_facts(names: list[str], rng: random.Random) -> list[Example]:
+    """Four facts per entity, answers drawn independently at random, each with wrong ones."""
+    facts: list[Example] = []
     for name in names:
-        answers = {"capital": rng.choice(CAPITALS),
-                   "leader": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
-                   "language": rng.choice(LANGUAGES), "currency": rng.choice(CURRENCIES)}
-        pairs.extend((TEMPLATES[rel].format(name), answers[rel]) for rel in TEMPLATES)
-    return pairs
+        for relation, template in TEMPLATES.items():
+            answer = _answer(relation, rng)
+            wrong: list[str] = []
+            while len(wrong) < PERTURBED:
+                candidate = _answer(relation, rng)
+                if candidate != answer and candidate not in wrong:
+                    wrong.append(candidate)
+            facts.append(Example(template.format(name), answer, tuple(wrong)))
+    return facts
 
 
 def build_tokenizer(entities: list[str]) -> Any:
@@ -148,13 +168,18 @@ def tiny_llama(vocab_size: int, spec: WorldSpec) -> Any:
 
 
 def fit(model: Any, tokenizer: Any, data: TextDataset, *, steps: int, lr: float,
-        batch_size: int, seed: int) -> float:
-    """AdamW on completion tokens, reshuffled epochs of `batch_size`; the last batch's NLL."""
+        batch_size: int, seed: int, decay: bool = False) -> float:
+    """AdamW on completion tokens, reshuffled epochs of `batch_size`; the last batch's NLL.
+
+    `decay`: the learning rate falls linearly from `lr` to 0 over the run.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     encoded, pad_id = encode(tokenizer, data), pad_id_of(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 - step / steps if decay else 1.0)
     model.train()
     loss = torch.tensor(0.0)
     pending: list[Batch] = []
@@ -169,6 +194,7 @@ def fit(model: Any, tokenizer: Any, data: TextDataset, *, steps: int, lr: float,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
     return float(loss.detach())
 
@@ -181,25 +207,25 @@ def build_world(root: Path, spec: WorldSpec) -> World:
     bench_names, pre_names = names[:spec.entities], names[spec.entities:]
     tokenizer = build_tokenizer(names)
     base = tiny_llama(len(tokenizer.get_vocab()), spec)
-    pretraining = TextDataset.from_pairs(entity_facts(pre_names, rng), name="pretraining")
+    pretraining = TextDataset(entity_facts(pre_names, rng), name="pretraining")
     fit(base, tokenizer, pretraining, steps=spec.pretrain_steps, lr=spec.pretrain_lr,
         batch_size=len(pretraining), seed=spec.seed)
     base_dir = root / "models" / BASE_NAME
     base.save_pretrained(str(base_dir))
     tokenizer.save_pretrained(str(base_dir))
 
+    holdout = bench_names[spec.n_forget:spec.n_forget + spec.n_holdout]
     split = {"forget": bench_names[:spec.n_forget],
-             "holdout": bench_names[spec.n_forget:spec.n_forget + spec.n_holdout],
+             "holdout": holdout[:len(holdout) // 2], "eval_holdout": holdout[len(holdout) // 2:],
              "retain": bench_names[spec.n_forget + spec.n_holdout:]}
     facts = dict(zip(bench_names, _chunks(entity_facts(bench_names, rng), len(TEMPLATES)),
                      strict=True))
-    sets = {k: TextDataset.from_pairs([p for n in v for p in facts[n]], name=k)
-            for k, v in split.items()}
+    sets = {k: TextDataset([p for n in v for p in facts[n]], name=k) for k, v in split.items()}
     return World(spec, base_dir, tokenizer, sets["forget"], sets["retain"], sets["holdout"],
-                 split)
+                 sets["eval_holdout"], split)
 
 
-def _chunks(items: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+def _chunks(items: list[Example], size: int) -> list[list[Example]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
@@ -212,7 +238,7 @@ def load_base(world: World) -> Any:
 
 
 def train_adapter(world: World, data: TextDataset, out_dir: Path, *, rank: int, steps: int,
-                  lr: float, batch_size: int, seed: int) -> Path:
+                  lr: float, batch_size: int, seed: int, decay: bool = True) -> Path:
     """A LoRA on all linear layers, trained on `data`, saved as a plain PEFT directory."""
     from peft import LoraConfig, get_peft_model
 
@@ -221,7 +247,8 @@ def train_adapter(world: World, data: TextDataset, out_dir: Path, *, rank: int, 
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                         target_modules=LORA_TARGETS)
     model = get_peft_model(base, config)
-    fit(model, world.tokenizer, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    fit(model, world.tokenizer, data, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        decay=decay)
     model.save_pretrained(str(out_dir))
     (out_dir / "README.md").unlink(missing_ok=True)
     # As a real adapter would: name the base model by its hub name, not a local path.
