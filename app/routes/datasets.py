@@ -40,7 +40,7 @@ async def upload_dataset(request: Request, ctx: ContextDep, settings: SettingsDe
     names the first bad line), then stores it: a refused file is never stored or listed."""
     spool = await run_in_threadpool(UploadSpool.create, ctx.spool_dir)
     try:
-        sink = SpooledFile(spool.root / "dataset.jsonl")
+        sink = await run_in_threadpool(SpooledFile, spool.root / "dataset.jsonl")
         await receive_file(request, sink=sink, budget=ByteBudget(settings.max_dataset_bytes),
                            drain_limit=settings.upload_drain_bytes)
         view = await run_in_threadpool(lambda: service.create_dataset(

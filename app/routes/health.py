@@ -16,6 +16,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=HealthPublic, summary="Liveness")
 async def healthz() -> HealthPublic:
+    # Touches nothing, so it stays on the event loop: it answers even when every pool
+    # thread is stuck on a stalled Redis. Handlers doing blocking I/O are plain `def`.
     return HealthPublic()
 
 

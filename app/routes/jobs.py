@@ -1,9 +1,9 @@
 """/v1/jobs: list, get, events, cancel — within the caller's tenant.
 
-`get`, `events` and `cancel` are the endpoints clients poll. Each is one small Redis
-round trip (a few hundred microseconds on the same host), so they run on the event loop:
-a thread-pool hop would cost more than the call itself. The API's Redis client has short
-socket timeouts, so a stalled Redis cannot hold the loop for long.
+Every handler here talks to Redis through the synchronous redis-py client, so each is a
+plain `def`: FastAPI runs it in its thread pool and the event loop stays free. A stalled
+Redis then holds one worker thread for at most the client's socket timeout (and answers
+503 `queue_unavailable`), never the loop: `/healthz` and other requests keep answering.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def list_jobs(ctx: ContextDep, tenant: TenantDep,
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Get a job",
             responses=problem_responses(401, 404))
-async def get_job(job_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
+def get_job(job_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
     # The most polled endpoint: validated once and serialised by pydantic directly.
     job = JobPublic.model_validate(service.get_job(ctx=ctx, tenant=tenant,
                                                    job_id=job_id).to_dict())
@@ -46,8 +46,8 @@ async def get_job(job_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
 @router.get("/{job_id}/events", response_model=JobEventsPublic,
             summary="A job's timeline (status changes, progress stages, log lines)",
             responses=problem_responses(401, 404, 422))
-async def job_events(job_id: str, ctx: ContextDep, tenant: TenantDep,
-               since: Annotated[int, Query(ge=0)] = 0) -> JobEventsPublic:
+def job_events(job_id: str, ctx: ContextDep, tenant: TenantDep,
+              since: Annotated[int, Query(ge=0)] = 0) -> JobEventsPublic:
     events = service.job_events(ctx=ctx, tenant=tenant, job_id=job_id, since=since)
     return JobEventsPublic(data=[JobEventPublic.model_validate(e) for e in events],
                            count=len(events), last_seq=events[-1]["seq"] if events else since)
@@ -56,7 +56,7 @@ async def job_events(job_id: str, ctx: ContextDep, tenant: TenantDep,
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic,
              summary="Cancel a job",
              responses=problem_responses(401, 404, 409))
-async def cancel_job(job_id: str, ctx: ContextDep, tenant: TenantDep) -> JobPublic:
+def cancel_job(job_id: str, ctx: ContextDep, tenant: TenantDep) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next checkpoint
     (between modules). A finished job answers 409 job_finished."""
     return JobPublic.model_validate(
