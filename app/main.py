@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
@@ -26,6 +27,7 @@ from lorafold.service.context import ServiceContext
 from lorafold.service.validation import InProcessValidator, ProcessValidator, Validator
 from lorafold.settings import Settings
 
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc files, served by the API itself
 DESCRIPTION = """\
 Consolidate LoRA adapters (PEFT format): upload adapters, merge many into one low-rank
 adapter with Compress-then-Merge (our reconstruction of He et al., ICML 2026) or a
@@ -120,8 +122,10 @@ def create_app(settings: Settings | None = None, *,
         yield
         await run_in_threadpool(ctx.close)
 
-    app = FastAPI(title="lorafold", version=__version__, description=DESCRIPTION,
-                  openapi_tags=TAGS, lifespan=lifespan)
+    # /docs and /redoc with their assets served from the fastapi-offline package: no CDN,
+    # so the pages work air-gapped.
+    app = FastAPIOffline(title="lorafold", version=__version__, description=DESCRIPTION,
+                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
     app.state.settings = settings
     app.state.context = ctx
     app.state.metrics = Metrics(ctx)
