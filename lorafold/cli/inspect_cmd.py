@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from lorafold.adapters import open_adapter
+from lorafold.adapters.serving import TARGETS, Preflight, preflight
 from lorafold.errors import LorafoldError
 
 
@@ -16,10 +18,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("adapter", type=Path, help="adapter dir or archive")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--target", choices=TARGETS,
+                   help="also check that a serving engine will load it (exit 1 if not)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    verdict: Preflight | None = None
     try:
         with open_adapter(args.adapter) as adapter:
             adapter.validate()
@@ -28,15 +33,21 @@ def run(args: argparse.Namespace) -> int:
             modules = [{"name": m.name, "kind": m.kind, "rank": m.rank,
                         "shape": list(m.delta_shape), "scale": m.scale, "dtype": m.dtype}
                        for m in adapter.modules.values()]
+            if args.target:
+                verdict = preflight(adapter, args.target)
     except LorafoldError as e:
         if args.json:
             print(json.dumps({"valid": False, "error": e.to_dict()}, indent=2))
         else:
             print(f"INVALID  {e.code}: {e.message}", file=sys.stderr)
         return 2
+    status = 0 if verdict is None or verdict.ok else 1
     if args.json:
-        print(json.dumps({**info, **({"modules": modules} if args.modules else {})}, indent=2))
-        return 0
+        extra: dict[str, Any] = {"modules": modules} if args.modules else {}
+        if verdict is not None:
+            extra["preflight"] = verdict.to_dict()
+        print(json.dumps({**info, **extra}, indent=2))
+        return status
     print(f"VALID  {args.adapter}")
     for key in ("base_model", "r", "alpha", "use_rslora", "ranks", "layer_kinds",
                 "target_modules", "fan_in_fan_out", "module_count", "parameters", "dtype",
@@ -45,4 +56,15 @@ def run(args: argparse.Namespace) -> int:
     if args.modules:
         for m in modules:
             print(f"  {m['name']}  {m['kind']}  r={m['rank']}  {m['shape']}  scale={m['scale']:g}")
-    return 0
+    if verdict is not None:
+        _print_preflight(verdict)
+    return status
+
+
+def _print_preflight(verdict: Preflight) -> None:
+    print(f"{'LOADS' if verdict.ok else 'WOULD NOT LOAD'} in {verdict.target}")
+    for check in verdict.checks:
+        mark = "ok  " if check.ok else ("warn" if check.severity == "warning" else "FAIL")
+        print(f"  {mark} {check.rule:<18} {check.message}")
+        if not check.ok and check.fix:
+            print(f"       fix: {check.fix}")
