@@ -2,7 +2,9 @@
 
 The HTTP layer feeds an `UploadSpool` chunk by chunk (it never holds a whole file); the
 spool counts every byte of the request against the limit (`PayloadTooLarge` → 413) and
-hashes each file as it is written. `create_adapter` then validates the adapter with the
+hashes each file as it is written. An archive is unpacked into the spool, bounded by the
+same limit (what it expands to, its entries: `archive_too_large` → 422; see
+`lorafold.adapters.source`). `create_adapter` then validates the adapter with the
 core library (`open_adapter(...).validate()` reads every tensor; see `validation.py` for
 where that runs) and only then publishes it, so a refused adapter leaves nothing in
 storage and nothing listed.
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from lorafold.adapters.source import resolve_source
 from lorafold.errors import AdapterNotFound, InvalidRequest, PayloadTooLarge
 from lorafold.jobs import body_hash
 from lorafold.service.adapters import (
@@ -234,14 +237,17 @@ def read_form(spool: UploadSpool) -> UploadForm:
 
 def _validate(ctx: ServiceContext, spool: UploadSpool,
               form: UploadForm) -> tuple[Inspection, Path | None]:
-    """Validate (every tensor is read); for a files upload, build the download archive
-    meanwhile in a thread, as both only read the spooled files. Nothing is stored yet."""
-    if spool.archive is not None:  # the files only exist once the validator unpacked them
-        return ctx.validator.inspect(form.source, dest=spool.root / "validated"), None
+    """Unpack an archive into the spool (its adapter files only, at most the upload limit
+    of bytes), then validate (every tensor is read) while building the download archive
+    in a thread, as both only read the spooled files. Nothing is stored yet."""
+    directory = form.source
+    if spool.archive is not None:
+        directory = resolve_source(form.source, extract_limit=ctx.settings.max_upload_bytes,
+                                   extract_dir=spool.root).directory
     with ThreadPoolExecutor(max_workers=1) as pool:
-        archive = pool.submit(write_archive, adapter_files(form.source),
+        archive = pool.submit(write_archive, adapter_files(directory),
                               spool.root / ARCHIVE_NAME)
-        inspection = ctx.validator.inspect(form.source)
+        inspection = ctx.validator.inspect(directory)
         return inspection, archive.result()
 
 
