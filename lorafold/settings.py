@@ -7,13 +7,15 @@ while its worker is still heartbeating, short API keys in production, a world-re
 key file), so a bad deployment fails at start, not at 3 a.m.
 
 `ClientSettings` is the client side (`lorafold client`, `lorafold.client`): the URL and the
-API key, from `LORAFOLD_URL` / `LORAFOLD_API_KEY`.
+API key, from `LORAFOLD_URL` / `LORAFOLD_API_KEY`; with no URL given, that of a `lorafold up`
+running in this directory (its `.lorafold/stack.json`), else `http://127.0.0.1:8000`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 from pathlib import Path
 from typing import Any, Literal
@@ -243,11 +245,53 @@ class Settings(BaseSettings):
         return timeouts[job_type]
 
 
+LOCAL_DATA_DIR = Path(".lorafold")  # `lorafold up`'s default data dir, relative to the CWD
+STACK_FILE = "stack.json"  # {"url", "pid"} of the `lorafold up` running on a data dir
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def local_stack_url(data_dir: Path = LOCAL_DATA_DIR) -> str | None:
+    """The URL of the `lorafold up` running on `data_dir`, from its `stack.json`, or None
+    (no record, unreadable, or left by a process that is gone)."""
+    try:
+        record = json.loads((data_dir / STACK_FILE).read_text(encoding="utf-8"))
+        url, pid = record["url"], int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) and url and _pid_alive(pid) else None
+
+
 class ClientSettings(BaseSettings):
-    """Where `lorafold client` talks to: `LORAFOLD_URL`, `LORAFOLD_API_KEY`."""
+    """Where `lorafold client` talks to: `LORAFOLD_URL`, `LORAFOLD_API_KEY`.
+
+    The URL, when neither given nor in `LORAFOLD_URL`, is that of the `lorafold up` running
+    in this directory (`.lorafold/stack.json`: it may serve on another port than 8000),
+    else `DEFAULT_URL`. (`lorafold client --url` overrides all of these.)
+    """
 
     model_config = SettingsConfigDict(env_prefix="LORAFOLD_", extra="ignore", frozen=True)
 
-    url: str = "http://127.0.0.1:8000"
+    url: str = DEFAULT_URL
     api_key: SecretStr | None = None
     timeout_s: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_of_local_stack(cls, data: Any) -> Any:
+        # `data` holds the init arguments merged with the environment: no "url" in it means
+        # that no URL was configured explicitly.
+        if isinstance(data, dict) and data.get("url") is None:
+            url = local_stack_url()
+            if url is not None:
+                return {**data, "url": url}
+        return data
