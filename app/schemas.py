@@ -23,11 +23,12 @@ ADAPTER_EXAMPLE: dict[str, Any] = {
     "size_bytes": 16_794_200, "sha256": "9f2c…", "archive_size_bytes": 16_803_840,
     "created_at": "2026-11-22T09:15:02.120391+00:00",
 }
+# A job as a submit (POST /v1/merges, /v1/unlearning) answers it: queued, not yet started.
 JOB_EXAMPLE: dict[str, Any] = {
-    "id": "job_0a1b2c3d4e5f47a8b9c0d1e2f3a4b5c6", "type": "merge", "status": "running",
-    "created_at": "2026-11-22T09:16:00.000000Z", "started_at": "2026-11-22T09:16:00.210000Z",
-    "finished_at": None, "progress": {"stage": "merge", "fraction": 0.42}, "result": None,
-    "error": None, "attempts": 1, "cancel_requested": False,
+    "id": "job_0a1b2c3d4e5f47a8b9c0d1e2f3a4b5c6", "type": "merge", "status": "queued",
+    "created_at": "2026-11-22T09:16:00.000000Z", "started_at": None,
+    "finished_at": None, "progress": {"stage": "queued", "fraction": 0.0}, "result": None,
+    "error": None, "attempts": 0, "cancel_requested": False,
     "params": {"name": "support+billing", "inputs": [
         {"id": "ad_6f1c…", "weight": 1.0, "sha256": "9f2c…"}]},
 }

@@ -4,6 +4,9 @@ The URL and API key come from --url/--api-key, else LORAFOLD_URL/LORAFOLD_API_KE
 by `ClientSettings`), else the key of a `lorafold up` started in this directory. Results
 are printed as JSON on stdout (`-q`: only the id, for scripts); `wait` draws a progress
 bar on stderr and exits non-zero unless the job succeeded.
+
+Nothing here imports torch, safetensors or the server side: the merge options come from
+`lorafold.merge.options`, and tqdm is imported only by `wait`.
 """
 
 from __future__ import annotations
@@ -14,21 +17,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.cli.merge_cmd import (
+    BAR_FORMAT,
     BETA_HELP,
     DENSITY_HELP,
     DROP_HELP,
+    METHOD_HELP,
+    RULE_HELP,
     SUBSPACE_HELP,
     parse_weights,
 )
 from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
-from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE, OUTPUT_DTYPES
-from lorafold.merge.subspaces import SUBSPACE_MODES
+from lorafold.merge.options import OUTPUT_DTYPES, SUBSPACE_MODES
 from lorafold.settings import ClientSettings
 
 
@@ -58,11 +61,17 @@ def _metadata(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def progress_label(job: dict[str, Any]) -> str:
+    """The stage while the job runs ("fetch", "merge", "publish"), else its status."""
+    return str(job["progress"]["stage"] if job["status"] == "running" else job["status"])
+
+
 def wait_with_bar(client: LorafoldClient, job_id: str, timeout: float) -> dict[str, Any]:
-    with tqdm(total=100, unit="%", file=sys.stderr,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", file=sys.stderr, bar_format=BAR_FORMAT) as bar:
         def on_progress(job: dict[str, Any]) -> None:
-            bar.set_description(f"{job['status']} {job['progress']['stage']}")
+            bar.set_description_str(progress_label(job), refresh=False)
             bar.n = round(100 * job["progress"]["fraction"])
             bar.refresh()
 
@@ -173,8 +182,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     merge = actions.add_parser("merge", help="merge adapters (a job)")
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
-    merge.add_argument("--method", help=f"merge method (default {DEFAULT_METHOD})")
-    merge.add_argument("--rule", help=f"merge rule (default {DEFAULT_RULE})")
+    merge.add_argument("--method", help=METHOD_HELP)
+    merge.add_argument("--rule", help=RULE_HELP)
     merge.add_argument("--rank", type=int, help="output rank r (not for cat)")
     merge.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
     merge.add_argument("--density", type=float, help=DENSITY_HELP)
@@ -191,7 +200,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="output dtype (default: the first input's)")
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
-    merge.add_argument("--timeout", type=float, default=3600.0)
+    merge.add_argument("--timeout", type=float, default=3600.0, help="seconds, with --wait")
     merge.add_argument("-q", "--quiet", action="store_true",
                     help="print only the id (of the job; with --wait, of the merged adapter)")
 
@@ -222,17 +231,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="hyperparameter override, e.g. --hp max_steps=50 --hp lr=5e-5")
     un.add_argument("--name")
     un.add_argument("--wait", action="store_true", help="wait for the job to finish")
-    un.add_argument("--timeout", type=float, default=4 * 3600.0)
+    un.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds, with --wait")
     un.add_argument("-q", "--quiet", action="store_true",
                     help="print only the id (of the job; with --wait, of the new adapter)")
 
     wait = actions.add_parser("wait", help="wait for a job, with a progress bar")
     wait.add_argument("job_id")
-    wait.add_argument("--timeout", type=float, default=3600.0)
+    wait.add_argument("--timeout", type=float, default=3600.0, help="seconds")
     jobs = actions.add_parser("jobs", help="list jobs")
     jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed",
                                            "cancelled"])
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument("--limit", type=int, default=50, help="jobs per page fetched")
     for name, text in (("job", "show a job"), ("events", "a job's events"),
                        ("cancel", "cancel a job")):
         actions.add_parser(name, help=text).add_argument("job_id")

@@ -7,16 +7,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafold.merge import MergeRequest, merge_adapters
-from lorafold.synthetic import llama_module_shapes, write_random_adapter
-
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="create synthetic adapters and merge them (no downloads)")
     p.add_argument("--adapters", type=int, default=4, help="number of input adapters")
     p.add_argument("--rank", type=int, default=8, help="input and output rank")
     p.add_argument("--hidden", type=int, default=512, help="model width of the synthetic shapes")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2, help="transformer layers of the shapes")
     p.add_argument("--out", type=Path, help="keep the merged adapter here")
     p.add_argument("--save-inputs", type=Path, metavar="DIR",
                    help="keep the synthetic input adapters in DIR/task0, DIR/task1, ... "
@@ -25,6 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorafold.merge import MergeRequest, merge_adapters  # torch: here, not for --help
+    from lorafold.synthetic import llama_module_shapes, write_random_adapter
+
     shapes = llama_module_shapes(args.layers, hidden=args.hidden,
                                  intermediate=int(args.hidden * 2.6875))
     with tempfile.TemporaryDirectory(prefix="lorafold-demo-") as tmp:

@@ -1,4 +1,7 @@
-"""`lorafold inspect`: what an adapter is, and whether lorafold accepts it."""
+"""`lorafold inspect`: what an adapter is, and whether lorafold accepts it.
+
+The adapter code (and torch) is imported by `run`, not for `--help`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorafold.adapters import open_adapter
-from lorafold.adapters.serving import TARGETS, Preflight, preflight
 from lorafold.errors import LorafoldError
+
+if TYPE_CHECKING:
+    from lorafold.adapters.serving import Preflight
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,12 +22,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("adapter", type=Path, help="adapter dir or archive")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--target", choices=TARGETS,
-                   help="also check that a serving engine will load it (exit 1 if not)")
+    # Not argparse `choices`: the engine names live with their rules (lorafold.adapters,
+    # torch); a wrong one is refused, with the list, before the adapter is opened.
+    p.add_argument("--target", metavar="ENGINE",
+                   help="also check that this serving engine will load it, exit 1 if not "
+                        "(the engines: docs/serving.md)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorafold.adapters import open_adapter
+    from lorafold.adapters.serving import check_target, preflight
+
+    if args.target is not None:
+        check_target(args.target)
     verdict: Preflight | None = None
     try:
         with open_adapter(args.adapter) as adapter:

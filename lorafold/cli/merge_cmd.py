@@ -1,4 +1,8 @@
-"""`lorafold merge`: merge adapters offline, with a progress bar and a short summary."""
+"""`lorafold merge`: merge adapters offline, with a progress bar and a short summary.
+
+Only torch-free modules are imported here; the merge code is imported by `run`, so that
+`lorafold --help` and `lorafold merge --help` stay fast.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,17 @@ import argparse
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from lorafold.errors import InvalidRequest
-from lorafold.merge import METHODS, RULES, MergeRequest, merge_adapters
-from lorafold.merge.methods import DEFAULT_BETA
-from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE, OUTPUT_DTYPES
-from lorafold.merge.rules import DEFAULT_DENSITY, DEFAULT_DROP
-from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
+from lorafold.merge.options import (
+    DEFAULT_BETA,
+    DEFAULT_DENSITY,
+    DEFAULT_DROP,
+    DEFAULT_METHOD,
+    DEFAULT_RULE,
+    DEFAULT_SUBSPACE,
+    OUTPUT_DTYPES,
+    SUBSPACE_MODES,
+)
 
 BETA_HELP = (f"ctm: β ∈ [0, 1] rescaling of the inputs before the shared subspaces are chosen: "
              f"1 = as they are, 0 = all at the mean norm (default {DEFAULT_BETA})")
@@ -21,6 +28,15 @@ SUBSPACE_HELP = ("ctm: how the shared subspaces are found: hooi (HOSVD start, th
                  f"sweeps) or hosvd (default {DEFAULT_SUBSPACE})")
 DENSITY_HELP = f"ties/dare_ties: fraction of entries kept by the trim (default {DEFAULT_DENSITY})"
 DROP_HELP = f"dare/dare_ties: drop rate in [0, 1) (default {DEFAULT_DROP})"
+# Method and rule names are not argparse `choices`: listing them would import the
+# registries (and torch) for every `--help`. The core refuses a wrong name, listing them.
+METHOD_HELP = f"merge method, see docs/merging.md (default {DEFAULT_METHOD})"
+RULE_HELP = f"merge rule, see docs/merging.md (default {DEFAULT_RULE}; cat takes only ta)"
+
+
+# "merge  38%|███▊      | 00:02": the stage, then how far it is (tqdm's set_description
+# would append ": " to the stage, and the bar its own).
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {elapsed}"
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:
@@ -40,10 +56,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="adapter dir or archive")
     p.add_argument("--out", required=True, type=Path, help="output adapter directory")
     p.add_argument("--rank", type=int, help="output rank r (not for cat)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
-                   help=f"merge method (default {DEFAULT_METHOD})")
-    p.add_argument("--rule", choices=sorted(RULES),
-                   help=f"merge rule (default {DEFAULT_RULE}; cat takes only ta)")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
+    p.add_argument("--rule", help=RULE_HELP)
     p.add_argument("--weights", help="comma-separated weight per input (default 1 each)")
     p.add_argument("--density", type=float, help=DENSITY_HELP)
     p.add_argument("--drop", type=float, help=DROP_HELP)
@@ -53,7 +67,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--beta", type=float, help=BETA_HELP)
     p.add_argument("--subspace", choices=SUBSPACE_MODES, help=SUBSPACE_HELP)
     p.add_argument("--force", action="store_true", help="merge adapters of different base models")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
                    help="output dtype (default: the first input's)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -62,6 +77,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorafold.merge import MergeRequest, merge_adapters
+
     request = MergeRequest(method=args.method, rule=args.rule, rank=args.rank,
                            weights=parse_weights(args.weights), density=args.density,
                            drop=args.drop, scale=args.scale, seed=args.seed, beta=args.beta,
@@ -74,15 +93,15 @@ def run(args: argparse.Namespace) -> int:
         if args.quiet:
             return
         if bar is None:
-            bar = tqdm(total=100, unit="%",
-                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
-        bar.set_description(stage)
+            bar = tqdm(total=100, unit="%", desc=stage, bar_format=BAR_FORMAT)
+        bar.set_description_str(stage, refresh=False)
         bar.n = round(fraction * 100)
         bar.refresh()
 
     try:
         result = merge_adapters(args.inputs, args.out, request, device=args.device,
                                 progress=progress)
+        progress("write", 1.0)  # the writer reports its start only; this is its end
     finally:
         if bar is not None:
             bar.close()

@@ -1,5 +1,7 @@
 """`lorafold unlearn`: remove constituents from a merge, negate an adapter, or (with a base
-model and data) run LoRA unlearning — offline, the same code the service runs."""
+model and data) run LoRA unlearning — offline, the same code the service runs.
+
+The unlearning code (torch, transformers) is imported by the handlers, not for `--help`."""
 
 from __future__ import annotations
 
@@ -8,17 +10,14 @@ import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lorafold.adapters.reader import LoraAdapter, open_adapter
 from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.errors import InvalidRequest
-from lorafold.unlearn.adapter_ops import negate_adapter, remove_constituents
-from lorafold.unlearn.base_models import resolve_base_model
-from lorafold.unlearn.datasets import TextDataset, parse_jsonl
-from lorafold.unlearn.objectives import METHODS as UNLEARN_METHODS
-from lorafold.unlearn.objectives import resolve_hyperparams
-from lorafold.unlearn.run import unlearn
+
+if TYPE_CHECKING:
+    from lorafold.adapters.reader import LoraAdapter
+    from lorafold.unlearn.datasets import TextDataset
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,9 +55,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     data.add_argument("--retain", type=Path, help="JSONL of what must be kept")
     data.add_argument("--holdout", type=Path,
                       help="JSONL never trained on: enables gold-free stopping and the MIA AUC")
-    data.add_argument("--method", default="feature_alignment", choices=sorted(UNLEARN_METHODS),
-                      help="default feature_alignment: the unlearning benchmark's best on "
-                           "retain and forget-loss distribution (BENCHMARKS.md)")
+    # Not argparse `choices` (the registry imports torch): a wrong name is refused, with
+    # the list, before any model is loaded.
+    data.add_argument("--method", default="feature_alignment",
+                      help="see docs/unlearning.md; default feature_alignment: the unlearning "
+                           "benchmark's best on retain and forget-loss distribution "
+                           "(BENCHMARKS.md)")
     data.add_argument("--max-steps", type=int, help="override the method's default step budget")
     data.add_argument("--lr", type=float, help="override the method's default learning rate")
     data.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
@@ -77,6 +79,9 @@ def _summary(result_lineage: Mapping[str, Any], out: Path) -> None:
 
 
 def run_remove(args: argparse.Namespace) -> int:
+    from lorafold.adapters.reader import open_adapter
+    from lorafold.unlearn.adapter_ops import remove_constituents
+
     with contextlib.ExitStack() as stack:
         by_sha: dict[str, LoraAdapter] = {}
         for path in args.inputs:
@@ -99,6 +104,8 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def _dataset(path: Path | None) -> TextDataset | None:
+    from lorafold.unlearn.datasets import parse_jsonl
+
     if path is None:
         return None
     with path.open("rb") as f:
@@ -106,6 +113,10 @@ def _dataset(path: Path | None) -> TextDataset | None:
 
 
 def run_data(args: argparse.Namespace) -> int:
+    from lorafold.unlearn.base_models import resolve_base_model
+    from lorafold.unlearn.objectives import resolve_hyperparams
+    from lorafold.unlearn.run import unlearn
+
     base = args.base_model
     base_dir = Path(base) if Path(base).is_dir() else resolve_base_model(
         base, model_dirs=args.model_dir)
@@ -125,6 +136,8 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def run_negate(args: argparse.Namespace) -> int:
+    from lorafold.unlearn.adapter_ops import negate_adapter
+
     result = negate_adapter(args.target, args.forget, args.out, strength=args.strength,
                             rank=args.rank, device=args.device)
     _summary(result.lineage, result.out_dir)

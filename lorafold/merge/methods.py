@@ -26,15 +26,11 @@ import torch
 
 from lorafold.errors import UnknownMethod
 from lorafold.merge.core_space import core_space, split_core
+from lorafold.merge.options import DEFAULT_BETA, DEFAULT_SUBSPACE
 from lorafold.merge.report import SubspaceView
 from lorafold.merge.rules import flatten_spectrum, numerical_rank
-from lorafold.merge.subspaces import DEFAULT_SUBSPACE, Subspaces, shared_subspaces
+from lorafold.merge.subspaces import Subspaces, shared_subspaces
 from lorafold.merge.threads import all_threads
-
-# β = 0 measured best in bench/merge_quality.py (r = 16, mean over the three regimes, λ and
-# the rule's knobs tuned at each β): ctm + iso 0.548 at β = 0 against 0.525 / 0.512 / 0.507
-# / 0.510 at β = 0.25 / 0.5 / 0.75 / 1; mean over the five rules 0.474 against 0.462–0.465.
-DEFAULT_BETA = 0.0
 
 Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 ApplyRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -16,26 +16,20 @@ import torch
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
-from lorafold.merge.methods import DEFAULT_BETA, METHODS, MethodSpec, resolve_method
-from lorafold.merge.rules import (
+from lorafold.merge.methods import METHODS, MethodSpec, resolve_method
+from lorafold.merge.options import (
+    DEFAULT_BETA,
     DEFAULT_DENSITY,
     DEFAULT_DROP,
-    RULES,
-    RuleParams,
-    RuleSpec,
-    check_rule_params,
-    resolve_rule,
+    DEFAULT_METHOD,
+    DEFAULT_RULE,
+    DEFAULT_SUBSPACE,
+    OUTPUT_DTYPES,
+    SUBSPACE_MODES,
 )
-from lorafold.merge.subspaces import DEFAULT_SUBSPACE, SUBSPACE_MODES
+from lorafold.merge.rules import RULES, RuleParams, RuleSpec, check_rule_params, resolve_rule
 
 MAX_RANK = 4096
-OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-# The best mean normalised accuracy at r = 16 over bench/merge_quality.py's three regimes:
-# ctm + iso 0.554, then mtc + iso and core + iso 0.535, ctm + tsv 0.518, mtc + ta 0.472
-# (BENCHMARKS.md, "Merge quality").
-DEFAULT_METHOD = "ctm"
-DEFAULT_RULE = "iso"
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafold.errors import InvalidRequest, UnknownRule
-
-DEFAULT_DENSITY = 0.5
-DEFAULT_DROP = 0.3          # the CtM authors' default DARE drop rate
+from lorafold.merge.options import DEFAULT_DENSITY, DEFAULT_DROP
 
 
 @dataclass(frozen=True)

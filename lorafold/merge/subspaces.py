@@ -29,15 +29,12 @@ Everything is k×r or smaller; nothing of size m×n, and no k×k decomposition i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from lorafold.merge.options import DEFAULT_SUBSPACE
 from lorafold.merge.threads import big_op
 
-SubspaceMode = Literal["hooi", "hosvd"]
-SUBSPACE_MODES: tuple[str, ...] = ("hooi", "hosvd")
-DEFAULT_SUBSPACE: SubspaceMode = "hooi"
 # Stop when a sweep raises E by less than this (relative). Measured on random T = 8, r = 16
 # stacks (flat spectra, HOOI's slowest case): 1e-4 keeps 99.7–99.8 % of the energy gain of
 # a run to 1e-9 in 19–27 sweeps instead of 180–350; 1e-3 keeps 99 % in 8–10.
