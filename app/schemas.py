@@ -127,6 +127,13 @@ class MergeCreate(BaseModel):
                                   f"{DEFAULT_SUBSPACE})")
     force: bool = Field(default=False, description="merge adapters of different base models")
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    target: Literal["peft", "vllm", "lorax", "tgi"] | None = Field(
+        default=None, description="make the output load in this serving engine (explicit "
+                                  "target modules, rank within its limits, every module type "
+                                  "in every layer for lorax/tgi, float16 unless dtype); the "
+                                  "result's report carries its preflight")
+    base_model_name: str | None = Field(default=None, min_length=1, max_length=256,
+                                        description="the output's base_model_name_or_path")
     name: str | None = Field(default=None, max_length=200)
 
     def to_request(self) -> MergeRequest:
@@ -134,7 +141,8 @@ class MergeCreate(BaseModel):
                             weights=tuple(a.weight for a in self.adapters),
                             density=self.density, drop=self.drop, scale=self.scale,
                             seed=self.seed, beta=self.beta, subspace=self.subspace,
-                            force=self.force, dtype=self.dtype)
+                            force=self.force, dtype=self.dtype, target=self.target,
+                            base_model_name=self.base_model_name)
 
 
 class DatasetPublic(BaseModel):

@@ -182,7 +182,8 @@ class LorafoldClient:
               method: str | None = None, rule: str | None = None, rank: int | None = None,
               density: float | None = None, drop: float | None = None, scale: float = 1.0,
               seed: int = 0, beta: float | None = None, subspace: str | None = None,
-              force: bool = False, dtype: str | None = None, name: str | None = None,
+              force: bool = False, dtype: str | None = None, target: str | None = None,
+              base_model_name: str | None = None, name: str | None = None,
               idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit a merge job; fields as in POST /v1/merges. Options left at None are not
         sent, so the service's defaults apply (method and rule: `DEFAULT_METHOD` and
@@ -190,7 +191,7 @@ class LorafoldClient:
         weights = list(weights) if weights is not None else [1.0] * len(adapter_ids)
         options = {"method": method, "rule": rule, "rank": rank, "density": density,
                    "drop": drop, "beta": beta, "subspace": subspace, "dtype": dtype,
-                   "name": name}
+                   "target": target, "base_model_name": base_model_name, "name": name}
         body: dict[str, Any] = {
             "adapters": [{"id": i, "weight": w} for i, w in zip(adapter_ids, weights,
                                                                   strict=True)],

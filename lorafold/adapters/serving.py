@@ -26,8 +26,9 @@ from typing import Any, Literal
 from lorafold.adapters.config import PEFT_PREFIX
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.errors import InvalidRequest
+from lorafold.merge.options import SERVING_TARGETS
 
-TARGETS = ("peft", "vllm", "lorax", "tgi")
+TARGETS = SERVING_TARGETS
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 LORAX_CUDA_GRAPH_RANKS = (8, 64)

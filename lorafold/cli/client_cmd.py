@@ -20,18 +20,20 @@ from typing import Any
 from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.cli.merge_cmd import (
     BAR_FORMAT,
+    BASE_MODEL_NAME_HELP,
     BETA_HELP,
     DENSITY_HELP,
     DROP_HELP,
     METHOD_HELP,
     RULE_HELP,
     SUBSPACE_HELP,
+    TARGET_HELP,
     parse_weights,
 )
 from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
-from lorafold.merge.options import OUTPUT_DTYPES, SUBSPACE_MODES
+from lorafold.merge.options import OUTPUT_DTYPES, SERVING_TARGETS, SUBSPACE_MODES
 from lorafold.settings import ClientSettings
 
 
@@ -129,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                                method=args.method, rule=args.rule, rank=args.rank,
                                density=args.density, drop=args.drop, scale=args.scale,
                                seed=args.seed, beta=args.beta, subspace=args.subspace,
-                               force=args.force, dtype=args.dtype, name=args.name)
+                               force=args.force, dtype=args.dtype, target=args.target,
+                               base_model_name=args.base_model_name, name=args.name)
             if args.wait:
                 return _finished(wait_with_bar(client, job["id"], args.timeout), args.quiet)
             _show(job, args.quiet)
@@ -198,6 +201,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="merge adapters of different base models")
     merge.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
                        help="output dtype (default: the first input's)")
+    merge.add_argument("--target", choices=SERVING_TARGETS, help=TARGET_HELP)
+    merge.add_argument("--base-model-name", help=BASE_MODEL_NAME_HELP)
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
     merge.add_argument("--timeout", type=float, default=3600.0, help="seconds, with --wait")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorafold.errors import LorafoldError
+from lorafold.merge.options import SERVING_TARGETS
 
 if TYPE_CHECKING:
     from lorafold.adapters.serving import Preflight
@@ -22,20 +23,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("adapter", type=Path, help="adapter dir or archive")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    # Not argparse `choices`: the engine names live with their rules (lorafold.adapters,
-    # torch); a wrong one is refused, with the list, before the adapter is opened.
-    p.add_argument("--target", metavar="ENGINE",
+    p.add_argument("--target", choices=SERVING_TARGETS,
                    help="also check that this serving engine will load it, exit 1 if not "
-                        "(the engines: docs/serving.md)")
+                        "(the rules: docs/serving.md)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lorafold.adapters import open_adapter
-    from lorafold.adapters.serving import check_target, preflight
+    from lorafold.adapters.serving import preflight
 
-    if args.target is not None:
-        check_target(args.target)
     verdict: Preflight | None = None
     try:
         with open_adapter(args.adapter) as adapter:

@@ -19,6 +19,7 @@ from lorafold.merge.options import (
     DEFAULT_RULE,
     DEFAULT_SUBSPACE,
     OUTPUT_DTYPES,
+    SERVING_TARGETS,
     SUBSPACE_MODES,
 )
 
@@ -32,6 +33,10 @@ DROP_HELP = f"dare/dare_ties: drop rate in [0, 1) (default {DEFAULT_DROP})"
 # registries (and torch) for every `--help`. The core refuses a wrong name, listing them.
 METHOD_HELP = f"merge method, see docs/merging.md (default {DEFAULT_METHOD})"
 RULE_HELP = f"merge rule, see docs/merging.md (default {DEFAULT_RULE}; cat takes only ta)"
+TARGET_HELP = ("make the output load in this serving engine: explicit target modules, "
+               "rank within its limits, every module type in every layer (lorax, tgi), "
+               "float16 unless --dtype; the result carries its preflight (docs/serving.md)")
+BASE_MODEL_NAME_HELP = "write this as the output's base_model_name_or_path (e.g. ORG/NAME)"
 
 
 # "merge  38%|███▊      | 00:02": the stage, then how far it is (tqdm's set_description
@@ -71,6 +76,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
                    help="output dtype (default: the first input's)")
+    p.add_argument("--target", choices=SERVING_TARGETS, help=TARGET_HELP)
+    p.add_argument("--base-model-name", help=BASE_MODEL_NAME_HELP)
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -84,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     request = MergeRequest(method=args.method, rule=args.rule, rank=args.rank,
                            weights=parse_weights(args.weights), density=args.density,
                            drop=args.drop, scale=args.scale, seed=args.seed, beta=args.beta,
-                           subspace=args.subspace, force=args.force, dtype=args.dtype)
+                           subspace=args.subspace, force=args.force, dtype=args.dtype,
+                           target=args.target, base_model_name=args.base_model_name)
     bar: tqdm | None = None
 
     def progress(stage: str, fraction: float) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 
 from lorafold import __version__
 from lorafold.adapters.reader import LoraAdapter, open_adapter
+from lorafold.adapters.serving import preflight
 from lorafold.adapters.writer import output_config, write_adapter
 from lorafold.device import release_device_memory, resolve_device
+from lorafold.merge.conform import conform_config, fill_module_types
 from lorafold.merge.executor import Checkpoint, Progress, execute_merge
 from lorafold.merge.plan import MergeRequest, check_request, plan_merge
 
@@ -79,12 +81,19 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
             release_device_memory(compute_device)
         lineage = merge_lineage(adapters, request, plan.weights, plan.labels, rank=plan.rank,
                                 extra=lineage_extra)
-        config = output_config([a.config for a in adapters], plan.rank)
+        modules = fill_module_types(output.modules, request.target)
+        config = conform_config(output_config([a.config for a in adapters], plan.rank),
+                                modules, target=request.target,
+                                base_model_name=request.base_model_name)
         if progress is not None:
             progress("write", 0.0)
-        path = write_adapter(Path(out_dir), output.modules, config=config, lineage=lineage,
+        path = write_adapter(Path(out_dir), modules, config=config, lineage=lineage,
                              report=output.report, dtype=plan.dtype)
+    report = output.report
+    if request.target is not None:  # the output passes its own preflight
+        with open_adapter(path) as written:
+            report = {**report, "serving": preflight(written, request.target).to_dict()}
     wall = time.perf_counter() - started
     logger.info("merged %d adapters into %s (%s/%s, rank %d) in %.2fs", len(adapters), path,
                 request.method, request.rule_name, plan.rank, wall)
-    return MergeResult(out_dir=path, report=output.report, lineage=lineage, wall_time_s=wall)
+    return MergeResult(out_dir=path, report=report, lineage=lineage, wall_time_s=wall)

@@ -32,3 +32,7 @@ DEFAULT_SUBSPACE: SubspaceMode = "hooi"
 # ties / dare rules (lorafold.merge.rules).
 DEFAULT_DENSITY = 0.5
 DEFAULT_DROP = 0.3          # the CtM authors' default DARE drop rate
+
+# Serving engines an output can be made to conform to (lorafold.adapters.serving has their
+# rules; lorafold.merge.conform applies them to a merge's output).
+SERVING_TARGETS: tuple[str, ...] = ("peft", "vllm", "lorax", "tgi")

@@ -16,6 +16,7 @@ import torch
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.adapters.tensor_file import torch_dtype
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
+from lorafold.merge.conform import check_rank, check_target, serving_dtype
 from lorafold.merge.methods import METHODS, MethodSpec, resolve_method
 from lorafold.merge.options import (
     DEFAULT_BETA,
@@ -49,6 +50,8 @@ class MergeRequest:
     subspace: str | None = None
     force: bool = False
     dtype: str | None = None
+    target: str | None = None           # a serving engine to conform to (merge.conform)
+    base_model_name: str | None = None  # written as the output's base_model_name_or_path
 
     @property
     def rule_name(self) -> str:
@@ -79,7 +82,8 @@ class MergeRequest:
         return {"method": self.method, "rule": self.rule_name, "rank": self.rank,
                 "density": density, "drop": drop, "scale": self.scale,
                 "seed": self.seed, "beta": self.ctm_beta if ctm else None,
-                "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype}
+                "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype,
+                "target": self.target, "base_model_name": self.base_model_name}
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
     if request.dtype is not None and request.dtype not in OUTPUT_DTYPES:
         raise InvalidRequest(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}",
                              code="invalid_parameter")
+    check_target(request.target, request.base_model_name)
+    if request.rank is not None:
+        check_rank(request.target, request.rank)
     params = check_rule_params(rule, request.density, request.drop, request.scale)
     return method, rule, params, tuple(float(w) for w in weights)
 
@@ -194,8 +201,9 @@ def plan_merge(adapters: Sequence[LoraAdapter], request: MergeRequest) -> MergeP
         rank = request.rank
     else:
         rank = max(sum(adapters[i].modules[m.name].rank for i in m.inputs) for m in modules)
-    dtype = (torch_dtype(OUTPUT_DTYPES[request.dtype]) if request.dtype
-             else adapters[0].dtype)
+    check_rank(request.target, rank)
+    dtype_name = serving_dtype(request.target, request.dtype)
+    dtype = torch_dtype(OUTPUT_DTYPES[dtype_name]) if dtype_name else adapters[0].dtype
     return MergePlan(request=request, method=method, rule=rule, rule_params=params,
                      weights=weights, rank=rank, dtype=dtype,
                      labels=unique_labels([a.label for a in adapters]), modules=modules)

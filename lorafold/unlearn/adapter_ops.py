@@ -70,7 +70,9 @@ def _request_from(parameters: Mapping[str, Any], weights: Sequence[float]) -> Me
     return MergeRequest(method=method, rule=rule, rank=parameters["rank"],
                         weights=tuple(weights), density=density, drop=drop,
                         scale=parameters.get("scale", 1.0), seed=parameters.get("seed", 0),
-                        beta=beta, subspace=subspace, force=True, dtype=parameters.get("dtype"))
+                        beta=beta, subspace=subspace, force=True, dtype=parameters.get("dtype"),
+                        target=parameters.get("target"),
+                        base_model_name=parameters.get("base_model_name"))
 
 
 def remaining_inputs(lineage: Mapping[str, Any], remove: Sequence[str]) -> list[dict[str, Any]]:
