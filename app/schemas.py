@@ -9,10 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafold.jobs import JobStatus, JobType
 from lorafold.merge import METHODS, RULES, MergeRequest
-from lorafold.merge.methods import DEFAULT_BETA
-from lorafold.merge.plan import DEFAULT_METHOD, DEFAULT_RULE
-from lorafold.merge.rules import DEFAULT_DENSITY, DEFAULT_DROP
-from lorafold.merge.subspaces import DEFAULT_SUBSPACE
+from lorafold.merge.options import (
+    DEFAULT_BETA,
+    DEFAULT_DENSITY,
+    DEFAULT_DROP,
+    DEFAULT_METHOD,
+    DEFAULT_MIN_ENERGY,
+    DEFAULT_RULE,
+    DEFAULT_SUBSPACE,
+)
 from lorafold.service.unlearning import UnlearnSpec
 
 ADAPTER_EXAMPLE: dict[str, Any] = {
@@ -105,7 +110,13 @@ class MergeCreate(BaseModel):
                         description=f"one of {', '.join(sorted(METHODS))}")
     rule: str | None = Field(default=None, description=f"one of {', '.join(sorted(RULES))} "
                                                        f"(default {DEFAULT_RULE}; cat: ta)")
-    rank: int | None = Field(default=None, description="output rank r")
+    rank: int | Literal["auto"] | None = Field(
+        default=None, description='output rank r, or "auto" (ctm): the smallest rank at '
+                                  "which every input keeps >= min_energy of its energy in "
+                                  "every module")
+    min_energy: float | None = Field(
+        default=None, gt=0, le=1, allow_inf_nan=False,
+        description=f'rank "auto": the share each input keeps (default {DEFAULT_MIN_ENERGY})')
     density: float | None = Field(
         default=None, allow_inf_nan=False,
         description=f"ties, dare_ties: fraction of entries the trim keeps, in (0, 1] "
@@ -137,7 +148,10 @@ class MergeCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
 
     def to_request(self) -> MergeRequest:
-        return MergeRequest(method=self.method, rule=self.rule, rank=self.rank,
+        auto = self.rank == "auto" or (self.rank is None and self.min_energy is not None)
+        energy = (self.min_energy or DEFAULT_MIN_ENERGY) if auto else self.min_energy
+        rank = self.rank if isinstance(self.rank, int) else None
+        return MergeRequest(method=self.method, rule=self.rule, rank=rank, min_energy=energy,
                             weights=tuple(a.weight for a in self.adapters),
                             density=self.density, drop=self.drop, scale=self.scale,
                             seed=self.seed, beta=self.beta, subspace=self.subspace,

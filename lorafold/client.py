@@ -179,7 +179,8 @@ class LorafoldClient:
     # -- merges, unlearning and jobs ------------------------------------------------------
 
     def merge(self, adapter_ids: Sequence[str], *, weights: Sequence[float] | None = None,
-              method: str | None = None, rule: str | None = None, rank: int | None = None,
+              method: str | None = None, rule: str | None = None,
+              rank: int | str | None = None, min_energy: float | None = None,
               density: float | None = None, drop: float | None = None, scale: float = 1.0,
               seed: int = 0, beta: float | None = None, subspace: str | None = None,
               force: bool = False, dtype: str | None = None, target: str | None = None,
@@ -189,7 +190,8 @@ class LorafoldClient:
         sent, so the service's defaults apply (method and rule: `DEFAULT_METHOD` and
         `DEFAULT_RULE` of lorafold.merge.plan; beta, subspace, drop: the core's)."""
         weights = list(weights) if weights is not None else [1.0] * len(adapter_ids)
-        options = {"method": method, "rule": rule, "rank": rank, "density": density,
+        options = {"method": method, "rule": rule, "rank": rank, "min_energy": min_energy,
+                   "density": density,
                    "drop": drop, "beta": beta, "subspace": subspace, "dtype": dtype,
                    "target": target, "base_model_name": base_model_name, "name": name}
         body: dict[str, Any] = {

@@ -25,9 +25,11 @@ from lorafold.cli.merge_cmd import (
     DENSITY_HELP,
     DROP_HELP,
     METHOD_HELP,
+    RANK_HELP,
     RULE_HELP,
     SUBSPACE_HELP,
     TARGET_HELP,
+    parse_rank,
     parse_weights,
 )
 from lorafold.cli.service_cmd import local_api_key
@@ -127,8 +129,11 @@ def run(args: argparse.Namespace) -> int:
             out = args.out or Path(args.adapter_id if args.extract else f"{args.adapter_id}.tar")
             print(client.download(args.adapter_id, out, extract=args.extract))
         elif action == "merge":
+            rank, min_energy = args.rank
             job = client.merge(args.adapter_ids, weights=parse_weights(args.weights),
-                               method=args.method, rule=args.rule, rank=args.rank,
+                               method=args.method, rule=args.rule,
+                               rank="auto" if min_energy is not None else rank,
+                               min_energy=min_energy,
                                density=args.density, drop=args.drop, scale=args.scale,
                                seed=args.seed, beta=args.beta, subspace=args.subspace,
                                force=args.force, dtype=args.dtype, target=args.target,
@@ -187,7 +192,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
     merge.add_argument("--method", help=METHOD_HELP)
     merge.add_argument("--rule", help=RULE_HELP)
-    merge.add_argument("--rank", type=int, help="output rank r (not for cat)")
+    merge.add_argument("--rank", type=parse_rank, default=(None, None), metavar="R|auto[:E]",
+                       help=RANK_HELP)
     merge.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
     merge.add_argument("--density", type=float, help=DENSITY_HELP)
     merge.add_argument("--drop", type=float, help=DROP_HELP)

@@ -16,6 +16,7 @@ from lorafold.merge.options import (
     DEFAULT_DENSITY,
     DEFAULT_DROP,
     DEFAULT_METHOD,
+    DEFAULT_MIN_ENERGY,
     DEFAULT_RULE,
     DEFAULT_SUBSPACE,
     OUTPUT_DTYPES,
@@ -54,13 +55,34 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
                              code="invalid_parameter") from e
 
 
+RANK_HELP = ("output rank r (not for cat), or auto[:E] (ctm): the smallest rank at which "
+             f"every input keeps >= E of its energy in every module (default E "
+             f"{DEFAULT_MIN_ENERGY}; docs/planning.md)")
+
+
+def parse_rank(text: str) -> tuple[int | None, float | None]:
+    """`--rank`: an integer, or auto / auto:E → (None, E)."""
+    word, _, energy = text.partition(":")
+    if word == "auto":
+        try:
+            return None, float(energy) if energy else DEFAULT_MIN_ENERGY
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"auto:E needs a number E, got {text!r}") from None
+    try:
+        return int(text), None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto[:E], got {text!r}") \
+            from None
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("merge", help="merge LoRA adapters into one",
                        description="Merge PEFT LoRA adapters (directories, .zip or .tar.gz) "
                                    "into one rank-r LoRA.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="adapter dir or archive")
     p.add_argument("--out", required=True, type=Path, help="output adapter directory")
-    p.add_argument("--rank", type=int, help="output rank r (not for cat)")
+    p.add_argument("--rank", type=parse_rank, default=(None, None), metavar="R|auto[:E]",
+                   help=RANK_HELP)
     p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
     p.add_argument("--rule", help=RULE_HELP)
     p.add_argument("--weights", help="comma-separated weight per input (default 1 each)")
@@ -88,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lorafold.merge import MergeRequest, merge_adapters
 
-    request = MergeRequest(method=args.method, rule=args.rule, rank=args.rank,
+    rank, min_energy = args.rank
+    request = MergeRequest(method=args.method, rule=args.rule, rank=rank, min_energy=min_energy,
                            weights=parse_weights(args.weights), density=args.density,
                            drop=args.drop, scale=args.scale, seed=args.seed, beta=args.beta,
                            subspace=args.subspace, force=args.force, dtype=args.dtype,

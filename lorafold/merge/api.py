@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from lorafold.adapters.reader import LoraAdapter, open_adapter
 from lorafold.adapters.serving import preflight
 from lorafold.adapters.writer import output_config, write_adapter
 from lorafold.device import release_device_memory, resolve_device
+from lorafold.merge.auto_rank import choose_rank, rank_summary
 from lorafold.merge.conform import conform_config, fill_module_types
 from lorafold.merge.executor import Checkpoint, Progress, execute_merge
 from lorafold.merge.plan import MergeRequest, check_request, plan_merge
@@ -71,7 +73,13 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
                 adapters.append(item)
             else:
                 adapters.append(stack.enter_context(open_adapter(item, label=str(item))))
-        plan = plan_merge(adapters, request)
+        chosen = None
+        if request.min_energy is not None:  # rank "auto": one pass over the factors first
+            chosen = choose_rank(adapters, request)
+            if progress is not None:
+                progress("auto_rank", 1.0)
+        plan = plan_merge(adapters, request if chosen is None
+                          else dataclasses.replace(request, rank=chosen.rank, min_energy=None))
         if progress is not None:
             progress("plan", 1.0)
         try:
@@ -87,9 +95,11 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
                                 base_model_name=request.base_model_name)
         if progress is not None:
             progress("write", 0.0)
+        report = output.report
+        if chosen is not None:
+            report = {**report, "auto_rank": rank_summary(chosen)}
         path = write_adapter(Path(out_dir), modules, config=config, lineage=lineage,
-                             report=output.report, dtype=plan.dtype)
-    report = output.report
+                             report=report, dtype=plan.dtype)
     if request.target is not None:  # the output passes its own preflight
         with open_adapter(path) as written:
             report = {**report, "serving": preflight(written, request.target).to_dict()}

@@ -33,6 +33,10 @@ DEFAULT_SUBSPACE: SubspaceMode = "hooi"
 DEFAULT_DENSITY = 0.5
 DEFAULT_DROP = 0.3          # the CtM authors' default DARE drop rate
 
+# rank "auto": every input keeps at least this share of its energy in every module, in
+# CtM's shared subspaces at the chosen rank (lorafold.merge.auto_rank, docs/planning.md).
+DEFAULT_MIN_ENERGY = 0.9
+
 # Serving engines an output can be made to conform to (lorafold.adapters.serving has their
 # rules; lorafold.merge.conform applies them to a merge's output).
 SERVING_TARGETS: tuple[str, ...] = ("peft", "vllm", "lorax", "tgi")

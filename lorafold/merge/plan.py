@@ -50,6 +50,7 @@ class MergeRequest:
     subspace: str | None = None
     force: bool = False
     dtype: str | None = None
+    min_energy: float | None = None     # rank "auto": the smallest rank keeping this share
     target: str | None = None           # a serving engine to conform to (merge.conform)
     base_model_name: str | None = None  # written as the output's base_model_name_or_path
 
@@ -83,7 +84,8 @@ class MergeRequest:
                 "density": density, "drop": drop, "scale": self.scale,
                 "seed": self.seed, "beta": self.ctm_beta if ctm else None,
                 "subspace": self.ctm_subspace if ctm else None, "dtype": self.dtype,
-                "target": self.target, "base_model_name": self.base_model_name}
+                "min_energy": self.min_energy, "target": self.target,
+                "base_model_name": self.base_model_name}
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,9 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
                              code="weights_mismatch")
     if not all(math.isfinite(w) for w in weights):
         raise InvalidRequest("weights must be finite numbers", code="invalid_parameter")
-    if method.takes_rank:
+    if request.min_energy is not None:
+        _check_auto_rank(method, request)
+    elif method.takes_rank:
         if request.rank is None:
             raise InvalidRequest(f"method {method.name!r} needs an output rank",
                                  code="rank_required")
@@ -138,6 +142,21 @@ def check_request(request: MergeRequest, n_inputs: int) -> tuple[MethodSpec, Rul
         check_rank(request.target, request.rank)
     params = check_rule_params(rule, request.density, request.drop, request.scale)
     return method, rule, params, tuple(float(w) for w in weights)
+
+
+def _check_auto_rank(method: MethodSpec, request: MergeRequest) -> None:
+    """rank "auto" picks the rank from CtM's captured energies: ctm only, no rank given."""
+    energy = request.min_energy
+    assert energy is not None
+    if method.name != "ctm":
+        raise InvalidRequest(f"rank auto measures CtM's shared subspaces; method {method.name!r}"
+                             " needs an explicit rank", code="invalid_parameter")
+    if request.rank is not None:
+        raise InvalidRequest("give a rank or min_energy (rank auto), not both",
+                             code="invalid_parameter")
+    if not (math.isfinite(energy) and 0.0 < energy <= 1.0):
+        raise InvalidRequest(f"min_energy must be in (0, 1], got {energy}",
+                             code="invalid_parameter")
 
 
 def _check_ctm_options(method: MethodSpec, request: MergeRequest) -> None:

@@ -70,4 +70,7 @@ def merge_summary(result: MergeResult) -> dict[str, Any]:
     if "subspaces" in result.report:
         summary["subspaces"] = {k: v for k, v in result.report["subspaces"].items()
                                 if k != "modules"}
+    for key in ("auto_rank", "serving"):  # rank "auto"'s choice, a target's preflight
+        if key in result.report:
+            summary[key] = result.report[key]
     return summary

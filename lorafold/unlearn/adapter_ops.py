@@ -71,6 +71,7 @@ def _request_from(parameters: Mapping[str, Any], weights: Sequence[float]) -> Me
                         weights=tuple(weights), density=density, drop=drop,
                         scale=parameters.get("scale", 1.0), seed=parameters.get("seed", 0),
                         beta=beta, subspace=subspace, force=True, dtype=parameters.get("dtype"),
+                        min_energy=parameters.get("min_energy"),
                         target=parameters.get("target"),
                         base_model_name=parameters.get("base_model_name"))
 

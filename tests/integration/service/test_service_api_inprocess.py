@@ -95,6 +95,32 @@ def test_merge_options_reach_the_lineage(api: TestClient, tmp_path: Path) -> Non
     assert (request["method"], request["rule"]) == (DEFAULT_METHOD, DEFAULT_RULE)
 
 
+def test_rank_auto_and_a_serving_target_over_http(api: TestClient, tmp_path: Path) -> None:
+    from lorafold.adapters import open_adapter
+    from lorafold.merge.auto_rank import auto_rank
+
+    paths = [write_random_adapter(tmp_path / f"a{i}", SHAPES, rank=3, seed=i) for i in range(2)]
+    ids = [upload(api, path, f"a{i}")["id"] for i, path in enumerate(paths)]
+    response = api.post("/v1/merges", json={"adapters": [{"id": i} for i in ids],
+                                            "rank": "auto", "min_energy": 0.8,
+                                            "target": "vllm"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    tasks.run_merge(job_id)
+    done = api.get(f"/v1/jobs/{job_id}").json()
+    assert done["status"] == "succeeded", done
+    report = done["result"]["report"]
+    with open_adapter(paths[0], label="a0") as a, open_adapter(paths[1], label="a1") as b:
+        expected = auto_rank([a, b], energy=0.8).rank  # the core's choice on the same inputs
+    assert report["auto_rank"]["rank"] == report["output_rank"] == expected
+    assert all(i["min_energy"] >= 0.8 - 1e-9 for i in report["auto_rank"]["inputs"])
+    assert report["serving"]["target"] == "vllm" and report["serving"]["ok"] is True
+    for bad in ({"rank": "auto", "method": "mtc"}, {"rank": 4, "min_energy": 0.9},
+                {"rank": "auto", "min_energy": 1.5}, {"target": "triton", "rank": 4}):
+        response = api.post("/v1/merges", json={"adapters": [{"id": ids[0]}], **bad})
+        assert response.status_code == 422, (bad, response.text)
+
+
 def test_bad_merge_options_are_refused_before_a_job(api: TestClient) -> None:
     jobs_before = api.get("/v1/jobs").json()["count"]
     base = {"adapters": [{"id": "ad_x"}], "method": "ctm", "rank": 4}

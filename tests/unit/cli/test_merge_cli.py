@@ -103,3 +103,36 @@ def test_a_subspace_mode_outside_the_choices_is_a_usage_error(
         main(["merge", *inputs, "--rank", "4", "--subspace", "x", "--out", str(tmp_path / "m")])
     assert exit_.value.code == 2
     assert not (tmp_path / "m").exists()
+
+
+def test_rank_auto_picks_the_cores_rank_and_remove_stays_exact(inputs: list[str],
+                                                               tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lorafold.adapters import open_adapter
+    from lorafold.merge.auto_rank import auto_rank
+
+    out = tmp_path / "auto"
+    assert main(["merge", *inputs, "--rank", "auto:0.95", "--out", str(out), "--quiet"]) == 0
+    written = json.loads((out / "lorafold.json").read_text())
+    with open_adapter(inputs[0]) as a, open_adapter(inputs[1]) as b, \
+            open_adapter(inputs[2]) as c:
+        expected = auto_rank([a, b, c], energy=0.95)
+    assert written["report"]["auto_rank"]["rank"] == expected.rank
+    assert written["parameters"]["output_rank"] == expected.rank
+    assert (written["parameters"]["rank"], written["parameters"]["min_energy"]) == (None, 0.95)
+    # removing a constituent re-merges with rank auto, as a direct merge of the rest would
+    removed, direct = tmp_path / "removed", tmp_path / "direct"
+    assert main(["unlearn", "remove", str(out), "--remove", inputs[2], "--inputs", *inputs,
+                 "--out", str(removed)]) == 0
+    assert main(["merge", inputs[0], inputs[1], "--rank", "auto:0.95", "--out", str(direct),
+                 "--quiet"]) == 0
+    a_removed = load_file(str(removed / "adapter_model.safetensors"))
+    a_direct = load_file(str(direct / "adapter_model.safetensors"))
+    assert a_removed.keys() == a_direct.keys()
+    assert all(bool((a_removed[k] - a_direct[k]).abs().max() <= 1e-6) for k in a_direct)
+    with pytest.raises(SystemExit):  # a usage error
+        main(["merge", *inputs, "--rank", "auto:x", "--out", str(tmp_path / "bad")])
+    assert main(["merge", *inputs, "--rank", "auto", "--method", "mtc", "--quiet",
+                 "--out", str(tmp_path / "bad")]) != 0  # rank auto measures CtM only
+    assert not (tmp_path / "bad").exists()
