@@ -31,6 +31,7 @@ from lorafold.adapters.tensor_file import TensorFile, all_finite, torch_dtype
 from lorafold.errors import InvalidAdapter
 
 ModuleKind = Literal["linear", "embedding", "conv2d"]
+MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT config is a few hundred bytes to a few KiB
 
 _FACTOR_KEY = re.compile(
     r"^(?P<module>.+)\.(?:(?P<lin>lora_[AB])\.weight|(?P<emb>lora_embedding_[AB]))$")
@@ -169,9 +170,14 @@ class LoraAdapter:
             self.directory = source.directory
             self.label = label or str(self.directory)
             config_path, self.weights_path = check_files(self.directory)
+            if config_path.stat().st_size > MAX_CONFIG_BYTES:
+                raise InvalidAdapter(f"adapter_config.json is larger than {MAX_CONFIG_BYTES} "
+                                     "bytes", code="invalid_config")
             try:
                 raw = json.loads(config_path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # ValueError: also an integer of more digits than Python converts; RecursionError:
+            # nesting deeper than the parser recurses. Both are the file's fault.
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise InvalidAdapter(f"adapter_config.json is not valid JSON: {e}",
                                      code="invalid_config") from e
             if not isinstance(raw, dict):

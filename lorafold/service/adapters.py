@@ -1,13 +1,16 @@
 """Adapters as the service shows them: records, public views, publishing, downloads.
 
 An adapter's manifest (written by `AdapterStore.publish`) carries a `record` with what
-the API shows; `adapter_view` turns a manifest into that public dict. Every adapter is
-stored as its files (blobs) plus one uncompressed tar of them for downloads: safetensors
-barely compress, and a tar is written at disk speed and accepted back by uploads.
+the API shows; `adapter_view` turns a manifest into that public dict. The record is checked
+against the public schema before anything is stored (`check_record`), so whatever is
+stored can be listed. Every adapter is stored as its files (blobs) plus one uncompressed
+tar of them for downloads: safetensors barely compress, and a tar is written at disk speed
+and accepted back by uploads.
 """
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -15,16 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from lorafold.adapters import open_adapter
 from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
 from lorafold.adapters.writer import LINEAGE_NAME
-from lorafold.errors import InvalidRequest
+from lorafold.errors import Conflict, InvalidAdapter, InvalidRequest
 from lorafold.storage import Storage, layout
 from lorafold.storage.adapters import AdapterStore
 
 if TYPE_CHECKING:  # the context imports the stores; only types are needed here
     from lorafold.jobs import JobRecord
     from lorafold.service.context import ServiceContext
+
+logger = logging.getLogger(__name__)
 
 Source = Literal["upload", "merge", "unlearn"]
 ADAPTER_ID_PREFIX = "ad_"
@@ -73,6 +80,52 @@ def adapter_record(summary: Mapping[str, Any], *, name: str, source: Source,
     }
 
 
+class AdapterRecordSchema(BaseModel):
+    """A manifest's record as the API's AdapterPublic (app/schemas.py) shows it, checked
+    strictly (no coercion, finite numbers), so a record that passes always serialises."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    name: str
+    source: Source
+    parents: list[str]
+    metadata: dict[str, Any]
+    job_id: str | None
+    base_model: str | None
+    r: int
+    alpha: float
+    target_modules: list[str] | str | None
+    module_count: int = Field(ge=0)
+    dtype: str
+    size_bytes: int = Field(ge=0)
+    sha256: str
+
+
+class AdapterViewSchema(AdapterRecordSchema):
+    """An adapter's public view: its record plus what the store adds."""
+
+    id: str
+    created_at: str
+    archive_size_bytes: int = Field(ge=0)
+
+
+def _schema_problem(schema: type[BaseModel], data: Mapping[str, Any]) -> str | None:
+    try:
+        schema.model_validate(dict(data))
+    except ValidationError as e:
+        return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(record)'}: "
+                         f"{err['msg']}" for err in e.errors()[:5])
+    return None
+
+
+def check_record(record: Mapping[str, Any]) -> None:
+    """Refuse a record the API could not show (a field of the wrong type, say)."""
+    problem = _schema_problem(AdapterRecordSchema, record)
+    if problem is not None:
+        raise InvalidAdapter(f"the adapter cannot be listed as it is: {problem}",
+                             code="invalid_adapter_record")
+
+
 def adapter_view(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The public view of a stored adapter (the API's AdapterPublic)."""
     record = manifest.get("record", {})
@@ -105,6 +158,7 @@ def publish_adapter(*, store: AdapterStore, tenant: str, adapter_id: str, direct
                     archive: Path | None = None) -> dict[str, Any]:
     """Store the adapter in `directory` (its PEFT files, and lorafold.json if any), with
     `archive` as its download when the caller already built it from the same files."""
+    check_record(record)
     files = adapter_files(directory)
     if archive is None:
         archive = write_archive(files, work_dir / ARCHIVE_NAME)
@@ -127,11 +181,29 @@ def publish_job_output(ctx: ServiceContext, record: JobRecord, out_dir: Path, wo
 
 
 def list_adapters(*, store: AdapterStore, tenant: str) -> list[dict[str, Any]]:
-    return [adapter_view(m) for m in store.list_manifests(tenant)]
+    """The tenant's adapters, newest first. A record stored before `check_record` existed
+    that the API cannot show is left out (and logged) rather than failing the listing."""
+    views = []
+    for manifest in store.list_manifests(tenant):
+        view = adapter_view(manifest)
+        problem = _schema_problem(AdapterViewSchema, view)
+        if problem is not None:
+            logger.error("adapter %s of tenant %s is not listed: its record is invalid: %s",
+                         view["id"], tenant, problem)
+            continue
+        views.append(view)
+    return views
 
 
 def get_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> dict[str, Any]:
-    return adapter_view(store.get_manifest(tenant, adapter_id))
+    """One adapter's view; a record the API cannot show (stored before `check_record`
+    existed) is a 409 that says what to do, not a 500."""
+    view = adapter_view(store.get_manifest(tenant, adapter_id))
+    problem = _schema_problem(AdapterViewSchema, view)
+    if problem is not None:
+        raise Conflict(f"adapter {adapter_id}'s stored record is invalid ({problem}); delete "
+                       "it and upload it again", code="invalid_adapter_record")
+    return view
 
 
 def delete_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> None:

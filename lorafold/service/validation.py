@@ -14,7 +14,9 @@ import logging
 import multiprocessing
 import shutil
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 from lorafold import errors
 from lorafold.adapters import open_adapter
 from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
-from lorafold.errors import LorafoldError
+from lorafold.errors import InvalidAdapter, LorafoldError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ def inspect_adapter(source: str, dest: str | None = None) -> dict[str, Any]:
         return {"summary": summary, "directory": str(directory)}
     except LorafoldError as e:
         return {"error": {"type": type(e).__name__, "code": e.code, "message": e.message}}
+    except Exception as e:  # a file no check foresaw: the upload's fault, never a 500
+        logger.exception("validating %s raised %s", source, type(e).__name__)
+        return {"error": {"type": "InvalidAdapter", "code": "unreadable_adapter",
+                          "message": f"the adapter could not be read ({type(e).__name__}: "
+                                     f"{str(e)[:200]})"}}
 
 
 def _result(reply: dict[str, Any]) -> Inspection:
@@ -91,11 +98,20 @@ def _warm() -> None:
 
 
 class ProcessValidator:
-    """A pool of `processes` spawned validator processes, rebuilt if one crashes."""
+    """A pool of `processes` spawned validator processes, rebuilt if one crashes.
 
-    def __init__(self, processes: int = 1, *, timeout_s: float = 600.0) -> None:
+    Each inspection has a budget of `timeout_s` seconds (from its submission): past it the
+    pool's processes are killed, so a hostile adapter cannot hold a validator, and the
+    upload is refused (422 validation_timeout). Inspections that were in the killed pool,
+    or in one that crashed, run once more on a fresh pool; a second crash is the adapter's
+    (422 validator_crashed). `task` is what the processes run (tests pass a slow one).
+    """
+
+    def __init__(self, processes: int = 1, *, timeout_s: float = 600.0,
+                 task: Callable[[str, str | None], dict[str, Any]] = inspect_adapter) -> None:
         self._processes = processes
         self._timeout_s = timeout_s
+        self._task = task
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
 
@@ -115,20 +131,47 @@ class ProcessValidator:
             future.result(timeout=self._timeout_s)
 
     def inspect(self, source: Path, *, dest: Path | None = None) -> Inspection:
+        args = (str(source), str(dest) if dest else None)
+        try:
+            reply = self._run(*args)
+        except BrokenProcessPool:
+            logger.warning("validating %s again on a fresh validator pool", source)
+            try:
+                reply = self._run(*args)
+            except BrokenProcessPool as e:
+                raise InvalidAdapter("the adapter crashed the validator process",
+                                     code="validator_crashed") from e
+        return _result(reply)
+
+    def _run(self, source: str, dest: str | None) -> dict[str, Any]:
         pool = self._get_pool()
         try:
-            reply = pool.submit(inspect_adapter, str(source),
-                                str(dest) if dest else None).result(timeout=self._timeout_s)
-        except BrokenProcessPool as e:
-            logger.error("a validator process died while reading %s; restarting the pool",
-                         source)
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise LorafoldError("the adapter crashed the validator process",
-                                code="validator_crashed") from e
-        return _result(reply)
+            future = pool.submit(self._task, source, dest)
+        except RuntimeError as e:  # shut down by another thread's overrun meanwhile
+            raise BrokenProcessPool(str(e)) from e
+        try:
+            reply: dict[str, Any] = future.result(timeout=self._timeout_s)
+        except FutureTimeout as e:
+            logger.error("validating %s overran its budget of %g s; killing the validator "
+                         "processes", source, self._timeout_s)
+            self._discard(pool, kill=True)
+            raise InvalidAdapter(f"validating the adapter took longer than {self._timeout_s:g} "
+                                 "s; it was stopped", code="validation_timeout") from e
+        except (BrokenProcessPool, CancelledError) as e:
+            logger.error("the validator pool broke while reading %s; restarting it", source)
+            self._discard(pool, kill=False)
+            raise BrokenProcessPool(str(e)) from e
+        return reply
+
+    def _discard(self, pool: ProcessPoolExecutor, *, kill: bool) -> None:
+        """Stop using `pool` (the next inspection builds a new one); `kill` its processes."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        if kill:  # no public way before Python 3.14 (ProcessPoolExecutor.kill_workers)
+            for process in list((pool._processes or {}).values()):
+                process.kill()
+        pool.shutdown(wait=False)  # its queued inspections fail as broken: run again
 
     def close(self) -> None:
         with self._lock:

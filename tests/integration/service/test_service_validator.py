@@ -28,3 +28,19 @@ def test_process_validator(tmp_path: Path) -> None:
             assert err.value.code == code
     finally:
         validator.close()
+
+
+def test_an_unforeseen_error_in_the_validator_is_a_refusal_not_a_500(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a hostile file makes the reader raise comes back as a coded refusal."""
+    from lorafold.errors import InvalidAdapter
+    from lorafold.service import validation
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a path no check foresaw")
+
+    monkeypatch.setattr(validation, "open_adapter", broken)
+    reply = validation.inspect_adapter(str(tmp_path))
+    assert reply["error"]["code"] == "unreadable_adapter"
+    with pytest.raises(InvalidAdapter):
+        validation._result(reply)
