@@ -20,6 +20,7 @@ from rq.timeouts import JobTimeoutException
 
 from lorafold.errors import Conflict, JobNotFound
 from lorafold.jobs import JobRecord, JobType
+from lorafold.service.attempts import current_attempt
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import job_context, job_logger
 from lorafold.service.merge_job import run_merge_job
@@ -67,10 +68,12 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def fail_job(ctx: ServiceContext, job_id: str, error: Mapping[str, Any]) -> None:
-    """Record a final failure unless the job already reached a final state."""
+def fail_job(ctx: ServiceContext, job_id: str, error: Mapping[str, Any], *,
+             attempt: int | None = None) -> None:
+    """Record a final failure unless the job already reached a final state, or (given
+    `attempt`) a newer attempt than the one that failed is running it."""
     try:
-        ctx.jobs.mark_failed(job_id, error)
+        ctx.jobs.mark_failed(job_id, error, attempt=attempt)
     except (Conflict, JobNotFound) as e:
         job_logger(logger, job_id).info("failure not recorded: %s", e.message)
 
@@ -89,18 +92,22 @@ def _run(job_id: str, job_type: JobType, body: JobRunner) -> None:
         ctx = context()
         log = job_logger(logger, job_id)
         _apply_threads(ctx.settings)
+        token = current_attempt.set(None)  # set by run_attempt once it starts one
         try:
             body(ctx=ctx, job_id=job_id, device=_device(ctx.settings), runner=_state["runner"])
         except JobTimeoutException as e:
             log.error("timed out: %s", e)
             fail_job(ctx, job_id, {"code": "job_timeout", "retryable": True,
                                    "message": f"the job ran past its timeout of "
-                                              f"{ctx.settings.job_timeout_s(job_type.value)}s"})
+                                              f"{ctx.settings.job_timeout_s(job_type.value)}s"},
+                     attempt=current_attempt.get())
         except Exception as e:  # a bug or a broken environment: record it, never leave it
             log.exception("crashed")
             fail_job(ctx, job_id, {"code": "internal_error", "retryable": False,
-                                   "message": f"{type(e).__name__}: {e}"})
+                                   "message": f"{type(e).__name__}: {e}"},
+                     attempt=current_attempt.get())
         finally:
+            current_attempt.reset(token)
             _free_memory()
 
 

@@ -57,12 +57,13 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 
 # KEYS: job hash, event stream.
 # ARGV: progress JSON, stage, event JSON (appended only when the stage changes), event cap,
-#       terminal statuses (space separated).
+#       terminal statuses (space separated), expected attempts ('' = any).
 PROGRESS = _APPEND_EVENT + """
-local cur = redis.call('HMGET', KEYS[1], 'status', 'progress')
+local cur = redis.call('HMGET', KEYS[1], 'status', 'progress', 'attempts')
 if not cur[1] then return {'missing'} end
 local status = cjson.decode(cur[1])
 if one_of(status, ARGV[5]) then return {'illegal', status} end
+if ARGV[6] and ARGV[6] ~= '' and cur[3] ~= ARGV[6] then return {'stale', cur[3]} end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 local changed = true
 if cur[2] then changed = cjson.decode(cur[2])['stage'] ~= ARGV[2] end

@@ -93,6 +93,11 @@ def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+
+def _stale(job_id: str, current: str, attempt: int | None) -> Conflict:
+    return Conflict(f"job {job_id} is on attempt {current}, not {attempt}; this attempt was "
+                    "superseded", code="stale_attempt", job_id=job_id, attempt=attempt)
+
 class JobStore:
     """Create, read, list and move jobs through their states; append their events."""
 
@@ -236,9 +241,7 @@ class JobStore:
         if reply[0] == "illegal":
             raise transition_error(job_id, JobStatus(reply[1]), target)
         if reply[0] == "stale":
-            raise Conflict(f"job {job_id} is on attempt {reply[1]}, not {attempt}; "
-                           "this attempt was superseded", code="stale_attempt",
-                           job_id=job_id, attempt=attempt)
+            raise _stale(job_id, reply[1], attempt)
         record = _record(job_id, _pairs(reply[1]))
         logger.info("job %s: %s (attempt %d)", job_id, target.value, record.attempts)
         return record
@@ -279,22 +282,27 @@ class JobStore:
                           event=self._event("status", status=JobStatus.CANCELLED.value),
                           attempt=attempt)
 
-    def set_progress(self, job_id: str, stage: str, fraction: float) -> None:
+    def set_progress(self, job_id: str, stage: str, fraction: float, *,
+                     attempt: int | None = None) -> None:
         """Overwrite the progress field only; an event is appended when the stage changes.
 
-        Raises Conflict(job_finished) for a terminal job: a late worker must stop.
+        Raises Conflict(job_finished) for a terminal job and, given `attempt`,
+        Conflict(stale_attempt) once a newer attempt started: a late worker must stop.
         """
         self._checked_id(job_id)
         progress = Progress(stage, float(fraction)).to_dict()
         reply = _texts(self._progress(
             keys=[self._job_key(job_id), self._events_key(job_id)],
             args=[_dumps(progress), stage, self._event("progress", **progress),
-                  str(self._max_events), " ".join(s.value for s in TERMINAL_STATUSES)]))
+                  str(self._max_events), " ".join(s.value for s in TERMINAL_STATUSES),
+                  "" if attempt is None else str(attempt)]))
         if reply[0] == "missing":
             raise self._not_found(job_id)
         if reply[0] == "illegal":
             raise Conflict(f"job {job_id} is {reply[1]}; its progress can no longer change",
                            code="job_finished", job_id=job_id, status=reply[1])
+        if reply[0] == "stale":
+            raise _stale(job_id, reply[1], attempt)
         logger.debug("job %s: progress %s %.3f", job_id, stage, fraction)
 
     def log(self, job_id: str, message: str) -> None:
@@ -332,9 +340,17 @@ class JobStore:
             raise self._not_found(job_id)
         return _text(raw) == "true"
 
-    def checkpoint(self, job_id: str) -> None:
-        """Raise JobCancelled when a cancel was requested; the worker calls this often."""
-        if self.is_cancel_requested(job_id):
+    def checkpoint(self, job_id: str, *, attempt: int | None = None) -> None:
+        """Raise JobCancelled when a cancel was requested, and, given `attempt`,
+        Conflict(stale_attempt) once a newer attempt started; the worker calls this often
+        (one HMGET)."""
+        flag, current = self._redis.hmget(self._job_key(self._checked_id(job_id)),
+                                          ["cancel_requested", "attempts"])
+        if flag is None:
+            raise self._not_found(job_id)
+        if attempt is not None and (current is None or _text(current) != str(attempt)):
+            raise _stale(job_id, "?" if current is None else _text(current), attempt)
+        if _text(flag) == "true":
             logger.info("job %s: cancel flag seen, stopping", job_id)
             raise JobCancelled(f"job {job_id} was cancelled", job_id=job_id)
 

@@ -7,13 +7,19 @@ the body's result, `failed` with {code, message, retryable} for a domain error, 
 `cancelled` when the body saw the cancel flag at a checkpoint. Domain errors are not
 re-raised, so the queue never re-runs a job that failed for a reason of its own. An
 attempt that finds its job already over, or superseded by a newer attempt, just stops.
+
+Every write of an attempt is fenced by its attempt number — checkpoints, progress, the
+final state, and a worker's own failure record (`current_attempt`) — so a superseded
+attempt (a worker wrongly declared dead) can neither fail nor overwrite the live one's
+job. Its work directory (lorafold.service.workdirs) is locked while it runs; each new
+attempt first sweeps the directories of attempts that died.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,14 @@ from lorafold.errors import Conflict, JobCancelled, LorafoldError
 from lorafold.jobs import JobRecord
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import JobLogger, ProgressReporter, job_logger
+from lorafold.service.workdirs import attempt_dir, sweep_work_dirs
 
 logger = logging.getLogger(__name__)
 
 SUPERSEDED = frozenset({"job_finished", "stale_attempt"})
+# The attempt this process is running, for writes made outside `run_attempt` (a worker
+# recording a timeout or a crash): None when no attempt has started.
+current_attempt: ContextVar[int | None] = ContextVar("lorafold_attempt", default=None)
 
 
 class JobWork:
@@ -38,11 +48,13 @@ class JobWork:
         self.params = record.params
         self.work = work
         self.device = device
-        self.progress = ProgressReporter(ctx.jobs, record.id, stages)
+        self.progress = ProgressReporter(ctx.jobs, record.id, stages,
+                                         attempt=record.attempts)
 
     def checkpoint(self) -> None:
-        """Raises JobCancelled once the job's cancellation was requested."""
-        self.ctx.jobs.checkpoint(self.record.id)
+        """Raises JobCancelled once the job's cancellation was requested, and
+        Conflict(stale_attempt) once a newer attempt of it started."""
+        self.ctx.jobs.checkpoint(self.record.id, attempt=self.record.attempts)
 
     def fetch(self, adapter_id: str) -> Path:
         """One of the tenant's adapters, downloaded into the work directory."""
@@ -86,14 +98,16 @@ def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *, device: str 
                 runner: str | None = None) -> JobRecord | None:
     """Run one attempt of job `job_id`; returns its final record (None if superseded)."""
     log = job_logger(logger, job_id)
+    sweep_work_dirs(ctx.spool_dir)
     record = start_attempt(ctx, job_id, log, runner)
     if record is None:
         return None
     attempt = record.attempts
+    current_attempt.set(attempt)
     try:
-        ctx.jobs.checkpoint(job_id)
-        with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=ctx.spool_dir) as tmp:
-            result = body(JobWork(ctx, record, Path(tmp), device, stages), log)
+        ctx.jobs.checkpoint(job_id, attempt=attempt)
+        with attempt_dir(ctx.spool_dir, job_id) as work:
+            result = body(JobWork(ctx, record, work, device, stages), log)
     except JobCancelled:
         log.info("cancelled (attempt %d)", attempt)
         return settle(lambda: ctx.jobs.mark_cancelled(job_id, attempt=attempt), log)

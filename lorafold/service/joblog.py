@@ -66,10 +66,12 @@ class ProgressReporter:
     """
 
     def __init__(self, jobs: JobStore, job_id: str,
-                 stages: Mapping[str, tuple[float, float]]) -> None:
+                 stages: Mapping[str, tuple[float, float]], *,
+                 attempt: int | None = None) -> None:
         self._jobs = jobs
         self._job_id = job_id
         self._stages = stages
+        self._attempt = attempt  # fences progress off a superseded attempt
         self._last = 0.0
 
     def __call__(self, stage: str, fraction: float) -> None:
@@ -82,4 +84,4 @@ class ProgressReporter:
         start, end = within
         overall = start + (end - start) * min(max(fraction, 0.0), 1.0)
         self._last = max(self._last, overall)
-        self._jobs.set_progress(self._job_id, stage, self._last)
+        self._jobs.set_progress(self._job_id, stage, self._last, attempt=self._attempt)

@@ -449,3 +449,23 @@ def test_cancel_a_finished_job_is_a_conflict(store: JobStore, finish: str) -> No
         store.request_cancel(job.id, tenant="acme")
     assert info.value.code == "job_finished"
     assert store.get(job.id).cancel_requested is False
+
+
+def test_a_superseded_attempt_can_neither_report_nor_fail(store: JobStore) -> None:
+    """A worker wrongly declared dead keeps running: its checkpoints, progress and failure
+    record are refused, and the live attempt can still finish the job."""
+    job = new_job(store)
+    old = store.mark_running(job.id).attempts
+    live = store.mark_running(job.id).attempts  # re-queued and started elsewhere
+    for write in (lambda: store.checkpoint(job.id, attempt=old),
+                  lambda: store.set_progress(job.id, "merge", 0.5, attempt=old),
+                  lambda: store.mark_failed(job.id, {"code": "job_timeout", "message": "late"},
+                                            attempt=old)):
+        with pytest.raises(Conflict) as info:
+            write()
+        assert info.value.code == "stale_attempt"
+    assert store.get(job.id).progress.stage != "merge"  # nothing of the stale attempt landed
+    store.checkpoint(job.id, attempt=live)
+    store.set_progress(job.id, "merge", 0.5, attempt=live)
+    done = store.mark_succeeded(job.id, {"adapter_id": "ad_live", "report": {}}, attempt=live)
+    assert done.status is JobStatus.SUCCEEDED and done.result["adapter_id"] == "ad_live"
