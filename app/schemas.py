@@ -76,6 +76,24 @@ class AdapterPublic(BaseModel):
     created_at: str
 
 
+class PreflightCheckPublic(BaseModel):
+    rule: str
+    ok: bool
+    message: str
+    severity: Literal["error", "warning"]
+    fix: str | None = None
+
+
+class PreflightPublic(BaseModel):
+    """Whether a serving engine will load the adapter: one verdict per engine rule
+    (docs/serving.md). `ok` is false when an error-level rule fails."""
+
+    adapter_id: str
+    target: str
+    ok: bool
+    checks: list[PreflightCheckPublic]
+
+
 class AdaptersPublic(BaseModel):
     data: list[AdapterPublic]
     count: int
@@ -114,6 +132,15 @@ class MergeCreate(BaseModel):
         default=None, description='output rank r, or "auto" (ctm): the smallest rank at '
                                   "which every input keeps >= min_energy of its energy in "
                                   "every module")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank_or_auto(cls, value: Any) -> Any:
+        # One error for the field (not one per member of the union), and no bool or float.
+        if value is None or value == "auto" or (isinstance(value, int)
+                                                and not isinstance(value, bool)):
+            return value
+        raise ValueError('rank must be an integer or "auto"')
     min_energy: float | None = Field(
         default=None, gt=0, le=1, allow_inf_nan=False,
         description=f'rank "auto": the share each input keeps (default {DEFAULT_MIN_ENERGY})')

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
@@ -14,7 +14,7 @@ from app.deps import ContextDep, IdempotencyKeyDep, SettingsDep, TenantDep
 from app.errors import problem_responses, status_for
 from app.metrics import Metrics
 from app.multipart import receive_upload
-from app.schemas import AdapterPublic, AdaptersPublic
+from app.schemas import AdapterPublic, AdaptersPublic, PreflightPublic
 from lorafold.errors import LorafoldError
 from lorafold.service import adapters as service
 from lorafold.service.uploads import ByteBudget, UploadSpool, create_adapter
@@ -98,6 +98,18 @@ def get_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> AdapterP
 def delete_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
     service.delete_adapter(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id)
     return Response(status_code=204)
+
+
+@router.get("/{adapter_id}/preflight", response_model=PreflightPublic,
+            summary="Will a serving engine load this adapter?",
+            responses=problem_responses(401, 404, 422, 503))
+def preflight_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep,
+                      target: Literal["peft", "vllm", "lorax", "tgi"]) -> PreflightPublic:
+    """A verdict per rule of the engine, with the fix (rules and sources: docs/serving.md);
+    `ok: false` when it would not load."""
+    return PreflightPublic.model_validate(service.preflight_adapter(
+        store=ctx.adapters, tenant=tenant, adapter_id=adapter_id, target=target,
+        spool=ctx.spool_dir))
 
 
 @router.get("/{adapter_id}/download", summary="Download an adapter (.tar)",

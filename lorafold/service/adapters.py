@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -234,3 +235,18 @@ def open_download(*, store: AdapterStore, tenant: str, adapter_id: str, expires_
         return Download(filename=filename, size=size, url=url)
     return Download(filename=filename, size=size,
                     stream=store.open_archive(tenant, adapter_id))
+
+
+def preflight_adapter(*, store: AdapterStore, tenant: str, adapter_id: str, target: str,
+                      spool: Path) -> dict[str, Any]:
+    """Whether serving engine `target` will load a stored adapter: the verdict per rule
+    (lorafold.adapters.serving). The files are fetched into the spool for the check and
+    removed after it."""
+    from lorafold.adapters import open_adapter
+    from lorafold.adapters.serving import check_target, preflight
+
+    check_target(target)
+    with tempfile.TemporaryDirectory(prefix="preflight-", dir=spool) as tmp:
+        directory = store.fetch_files(tenant, adapter_id, Path(tmp) / "adapter")
+        with open_adapter(directory, label=adapter_id) as adapter:
+            return {"adapter_id": adapter_id, **preflight(adapter, target).to_dict()}
