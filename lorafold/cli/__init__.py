@@ -16,10 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from lorafold import __version__
-from lorafold.cli import client_cmd, demo_cmd, inspect_cmd, merge_cmd, service_cmd, unlearn_cmd
+from lorafold.cli import (
+    client_cmd,
+    demo_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plan_cmd,
+    service_cmd,
+    unlearn_cmd,
+)
 from lorafold.errors import LorafoldError
 
-SUBCOMMANDS = [merge_cmd, inspect_cmd, demo_cmd, unlearn_cmd, service_cmd, client_cmd]
+SUBCOMMANDS = [merge_cmd, plan_cmd, inspect_cmd, demo_cmd, unlearn_cmd, service_cmd, client_cmd]
 # What a process killed by SIGPIPE reports in a shell (128 + 13).
 BROKEN_PIPE_EXIT = 141
 

@@ -47,7 +47,7 @@ def test_importing_the_client_loads_nothing_heavy(module: str) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["client", "--help"], ["client", "merge", "--help"],
-    ["merge", "--help"], ["inspect", "--help"], ["demo", "--help"],
+    ["merge", "--help"], ["plan", "--help"], ["inspect", "--help"], ["demo", "--help"],
     ["unlearn", "data", "--help"],
 ], ids=" ".join)
 def test_help_loads_nothing_heavy(argv: list[str]) -> None:
