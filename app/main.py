@@ -44,6 +44,7 @@ adapter and job is visible to its tenant only (another tenant's id answers 404).
 TAGS = [
     {"name": "adapters", "description": "Upload, list, download and delete adapters."},
     {"name": "merges", "description": "Merge adapters into one (runs as a job)."},
+    {"name": "plans", "description": "Plan which adapters to merge together (runs as a job)."},
     {"name": "jobs", "description": "Follow, list and cancel jobs."},
     {"name": "health", "description": "Liveness, readiness, metrics."},
 ]

@@ -186,6 +186,40 @@ class MergeCreate(BaseModel):
                             base_model_name=self.base_model_name)
 
 
+class PlanCreate(BaseModel):
+    """A consolidation plan: which of these adapters to merge together, into how many
+    groups, at what rank (docs/planning.md). The plan runs as a job; its result holds the
+    groups, ranks, per-member energies and the parameters before and after."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "adapters": ["ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "ad_1d2e3f4a5b6c4d7e8f9a0b1c2d3e4f5a",
+                     "ad_9a8b7c6d5e4f4a3b2c1d0e9f8a7b6c5d"],
+        "rank": "auto", "min_energy": 0.9}]})
+
+    adapters: list[str] = Field(min_length=2, max_length=64)
+    rank: int | Literal["auto"] = Field(
+        default="auto", description='"auto": each group at its smallest rank keeping '
+                                    "min_energy for every member; or one rank for all")
+    min_energy: float = Field(default=DEFAULT_MIN_ENERGY, gt=0, le=1, allow_inf_nan=False)
+    max_rank: int | None = Field(default=None, ge=1, description="rank auto: the cap")
+    max_groups: int | None = Field(default=None, ge=1,
+                                   description="stop once at most this many adapters remain")
+    min_similarity: float = Field(default=0.0, ge=-1, le=1, allow_inf_nan=False,
+                                  description="the least mean cosine a group may have")
+    force: bool = Field(default=False, description="plan adapters of different base models")
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank_or_auto(cls, value: Any) -> Any:
+        return MergeCreate._rank_or_auto(value)
+
+    def options(self) -> dict[str, Any]:
+        return {"rank": self.rank if isinstance(self.rank, int) else None,
+                "min_energy": self.min_energy, "max_rank": self.max_rank,
+                "max_groups": self.max_groups, "min_similarity": self.min_similarity,
+                "force": self.force}
+
+
 class DatasetPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "id": "ds_3b9f0c1d2e4a4b5c8d7e6f5a4b3c2d1e", "name": "tenant-42-forget",

@@ -203,6 +203,20 @@ class LorafoldClient:
             "POST", "/v1/merges", json=body, headers=self._idempotency(idempotency_key)).json()
         return result
 
+    def plan(self, adapter_ids: Sequence[str], *, rank: int | str = "auto",
+             min_energy: float | None = None, max_rank: int | None = None,
+             max_groups: int | None = None, min_similarity: float | None = None,
+             force: bool = False, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a consolidation plan job; fields as in POST /v1/plans (its result's `plan`
+        holds the groups, each with its members and rank)."""
+        options = {"min_energy": min_energy, "max_rank": max_rank, "max_groups": max_groups,
+                   "min_similarity": min_similarity}
+        body: dict[str, Any] = {"adapters": list(adapter_ids), "rank": rank, "force": force,
+                                **{k: v for k, v in options.items() if v is not None}}
+        result: dict[str, Any] = self._request(
+            "POST", "/v1/plans", json=body, headers=self._idempotency(idempotency_key)).json()
+        return result
+
     def unlearn(self, method: str, adapter_id: str, *, name: str | None = None,
                 idempotency_key: str | None = None, **fields: Any) -> dict[str, Any]:
         """Submit unlearning; `fields` as in POST /v1/unlearning (remove, forget_adapter,

@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     queue_prefix: str = Field(default="lorafold", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     merge_timeout_s: int = Field(default=3600, ge=10)
     unlearn_timeout_s: int = Field(default=4 * 3600, ge=10)
+    plan_timeout_s: int = Field(default=3600, ge=10)
     job_retries: int = Field(default=2, ge=1, le=10,
                              description="re-runs of a job whose worker died")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
@@ -241,7 +242,8 @@ class Settings(BaseSettings):
                 "create_bucket": False}
 
     def job_timeout_s(self, job_type: str) -> int:
-        timeouts = {"merge": self.merge_timeout_s, "unlearn": self.unlearn_timeout_s}
+        timeouts = {"merge": self.merge_timeout_s, "unlearn": self.unlearn_timeout_s,
+                    "plan": self.plan_timeout_s}
         return timeouts[job_type]
 
 

@@ -24,6 +24,7 @@ from lorafold.service.attempts import current_attempt
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import job_context, job_logger
 from lorafold.service.merge_job import run_merge_job
+from lorafold.service.plan_job import run_plan_job
 from lorafold.service.unlearn_job import run_unlearn_job
 from lorafold.settings import Settings
 
@@ -84,6 +85,10 @@ def run_merge(job_id: str) -> None:
 
 def run_unlearn(job_id: str) -> None:
     _run(job_id, JobType.UNLEARN, run_unlearn_job)
+
+
+def run_plan(job_id: str) -> None:
+    _run(job_id, JobType.PLAN, run_plan_job)
 
 
 def _run(job_id: str, job_type: JobType, body: JobRunner) -> None:

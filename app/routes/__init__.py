@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.routes import adapters, datasets, health, jobs, merges, unlearning
+from app.routes import adapters, datasets, health, jobs, merges, plans, unlearning
 
-ROUTERS: list[APIRouter] = [adapters.router, datasets.router, merges.router,
+ROUTERS: list[APIRouter] = [adapters.router, datasets.router, merges.router, plans.router,
                             unlearning.router, jobs.router, health.router]

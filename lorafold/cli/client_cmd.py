@@ -98,6 +98,27 @@ def _show(item: dict[str, Any], quiet: bool) -> None:
         _print(item)
 
 
+def _plan(client: LorafoldClient, args: argparse.Namespace) -> int:
+    """Submit a plan; with --wait (or --apply) print it, and with --apply submit one merge
+    per group at the group's rank."""
+    rank, min_energy = args.rank
+    job = client.plan(args.adapter_ids, rank="auto" if rank is None else rank,
+                      min_energy=min_energy, max_rank=args.max_rank,
+                      max_groups=args.max_groups, force=args.force)
+    if not (args.wait or args.apply):
+        _show(job, args.quiet)
+        return 0
+    done = wait_with_bar(client, job["id"], args.timeout)
+    if done["status"] != "succeeded" or not args.apply:
+        return _finished(done)
+    plan = done["result"]["plan"]
+    merges = [client.merge(group["members"], rank=group["rank"], force=args.force,
+                           name=f"plan {job['id']} group {number}")
+              for number, group in enumerate(plan["groups"], start=1)]
+    _print({"plan": plan, "merge_jobs": [m["id"] for m in merges]})
+    return 0
+
+
 def _dataset_ref(client: LorafoldClient, value: str | None, role: str) -> str | None:
     """A data set id as given, or the id of the JSONL file at that path, uploaded now."""
     if value is None or not Path(value).is_file():
@@ -128,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         elif action == "download":
             out = args.out or Path(args.adapter_id if args.extract else f"{args.adapter_id}.tar")
             print(client.download(args.adapter_id, out, extract=args.extract))
+        elif action == "plan":
+            return _plan(client, args)
         elif action == "merge":
             rank, min_energy = args.rank
             job = client.merge(args.adapter_ids, weights=parse_weights(args.weights),
@@ -187,6 +210,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     down.add_argument("adapter_id")
     down.add_argument("--out", type=Path, help="file (or directory with --extract)")
     down.add_argument("--extract", action="store_true", help="unpack into a directory")
+
+    plan = actions.add_parser("plan", help="plan which adapters to merge together (a job)")
+    plan.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
+    plan.add_argument("--rank", type=parse_rank, default=(None, None), metavar="R|auto[:E]",
+                      help="one rank for every group, or auto[:E]: each group at its "
+                           "smallest rank keeping E of every member (docs/planning.md)")
+    plan.add_argument("--max-rank", type=int, help="rank auto: the cap")
+    plan.add_argument("--max-groups", type=int,
+                      help="stop once at most this many adapters remain")
+    plan.add_argument("--force", action="store_true",
+                      help="plan adapters of different base models")
+    plan.add_argument("--wait", action="store_true", help="wait for the plan and print it")
+    plan.add_argument("--apply", action="store_true",
+                      help="wait, then submit one merge job per group")
+    plan.add_argument("--timeout", type=float, default=3600.0, help="seconds, with --wait")
+    plan.add_argument("-q", "--quiet", action="store_true", help="print only the job id")
 
     merge = actions.add_parser("merge", help="merge adapters (a job)")
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")

@@ -34,6 +34,7 @@ class JobStatus(str, Enum):
 class JobType(str, Enum):
     MERGE = "merge"
     UNLEARN = "unlearn"
+    PLAN = "plan"
 
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(

@@ -320,8 +320,9 @@ def _cluster(planner: _Planner, count: int, max_groups: int | None,
     return clusters, refused
 
 
-def _check_options(rank: int | None, energy: float, max_rank: int | None,
-                   max_groups: int | None, min_similarity: float) -> None:
+def check_plan_options(rank: int | None, energy: float, max_rank: int | None,
+                       max_groups: int | None, min_similarity: float) -> None:
+    """What a plan request can be refused for before any adapter is read."""
     if not (math.isfinite(energy) and 0.0 < energy <= 1.0):
         raise InvalidRequest(f"min_energy must be in (0, 1], got {energy}",
                              code="invalid_parameter")
@@ -348,7 +349,7 @@ def plan_groups_factors(modules: Iterable[ModuleFactors], *, labels: Sequence[st
                         min_similarity: float = DEFAULT_MIN_SIMILARITY) -> GroupPlan:
     """The grouping of the module docstring, for T = len(labels) adapters given module by
     module as (name, [(s_t·B_t, A_t) in float32, or None] × T); `modules` is read once."""
-    _check_options(rank, energy, max_rank, max_groups, min_similarity)
+    check_plan_options(rank, energy, max_rank, max_groups, min_similarity)
     if len(labels) < 2:
         raise InvalidRequest(f"a plan needs at least 2 adapters, got {len(labels)}",
                              code="too_few_inputs")
@@ -405,7 +406,7 @@ def plan_groups(adapters: Sequence[LoraAdapter], *, rank: int | None = None,
                 ) -> GroupPlan:
     """`plan_groups_factors` of opened adapters (same base model unless `force`), read
     module by module on the CPU; labelled as a merge labels them."""
-    _check_options(rank, energy, max_rank, max_groups, min_similarity)
+    check_plan_options(rank, energy, max_rank, max_groups, min_similarity)
     if len(adapters) < 2:
         raise InvalidRequest(f"a plan needs at least 2 adapters, got {len(adapters)}",
                              code="too_few_inputs")

@@ -44,7 +44,7 @@ def request_from_params(params: dict[str, Any]) -> MergeRequest:
     return MergeRequest(**fields)
 
 
-def _check_base_models(manifests: Sequence[dict[str, Any]], force: bool) -> None:
+def check_base_models(manifests: Sequence[dict[str, Any]], force: bool) -> None:
     names = {m["record"].get("base_model") for m in manifests} - {None, ""}
     if len(names) > 1 and not force:
         raise IncompatibleAdapters(
@@ -66,7 +66,7 @@ def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str]
         check_request(request, len(adapter_ids))
         store = ctx.adapters
         manifests = [store.get_manifest(tenant, adapter_id) for adapter_id in adapter_ids]
-        _check_base_models(manifests, request.force)
+        check_base_models(manifests, request.force)
         record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.MERGE,
                             params=merge_params(adapter_ids, request, name, manifests))
         claim.value = {"job_id": record.id}

@@ -23,6 +23,7 @@ from lorafold.settings import Settings
 TASKS: Mapping[JobType, str] = {
     JobType.MERGE: "workers.tasks.run_merge",
     JobType.UNLEARN: "workers.tasks.run_unlearn",
+    JobType.PLAN: "workers.tasks.run_plan",
 }
 FAILURE_CALLBACK = "workers.tasks.on_job_failure"
 RESULT_TTL_S = 3600           # RQ's own copy; our job records are the source of truth
