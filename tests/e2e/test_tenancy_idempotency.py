@@ -76,7 +76,7 @@ def test_idempotent_merge(fs_stack: Stack, owned: dict[str, Any]) -> None:
         other = client.post("/v1/merges", json={**body, "rank": 3}, headers=key)
         assert_problem(other, 409, "idempotency_key_reused")
         assert wait_job(client, first.json()["id"])["status"] == "succeeded"
-        jobs = [j for j in client.get("/v1/jobs").json()["data"]
+        jobs = [j for j in client.get("/v1/jobs", params={"type": "merge"}).json()["data"]
                 if j["params"]["request"]["rank"] == 2]
         assert len(jobs) == 1
 

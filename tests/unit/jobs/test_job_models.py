@@ -111,7 +111,7 @@ def test_allowed_sources() -> None:
 def test_enum_values_are_lower_case_strings() -> None:
     assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed",
                                             "cancelled"]
-    assert [t.value for t in JobType] == ["merge", "unlearn"]
+    assert [t.value for t in JobType] == ["merge", "unlearn", "plan"]
     assert JobStatus("running") is R and JobStatus.RUNNING == "running"
 
 

@@ -22,7 +22,8 @@ class FakeJobs:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float]] = []
 
-    def set_progress(self, job_id: str, stage: str, fraction: float) -> None:
+    def set_progress(self, job_id: str, stage: str, fraction: float, *,
+                     attempt: int | None = None) -> None:
         self.calls.append((stage, round(fraction, 6)))
 
 
