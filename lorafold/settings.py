@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     job_retries: int = Field(default=2, ge=1, le=10,
                              description="re-runs of a job whose worker died")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    job_retention_s: int = Field(default=30 * 24 * 3600, ge=0,
+                                 description="finished job records and their events expire "
+                                             "this long after the job ended (0: kept forever)")
 
     # -- workers ------------------------------------------------------------------------
     workers: int = Field(default=1, ge=1, le=256,

@@ -102,11 +102,14 @@ class JobStore:
     """Create, read, list and move jobs through their states; append their events."""
 
     def __init__(self, redis: Redis, *, prefix: str = "lorafold:", max_events: int = 1000,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, retention_s: int = 0) -> None:
         self._redis = redis
         self._prefix = prefix
         self._max_events = max_events
         self._clock = clock
+        # A finished job's record and events expire this long after it ended (0: never), so
+        # Redis does not grow without bound; listings drop the index entries they outlive.
+        self._retention_s = retention_s
         self._create = redis.register_script(scripts.CREATE)
         self._transition = redis.register_script(scripts.TRANSITION)
         self._progress = redis.register_script(scripts.PROGRESS)
@@ -211,8 +214,10 @@ class JobStore:
                 pipe.hgetall(self._job_key(job_id))
             for job_id, raw in zip(ids, pipe.execute(), strict=True):
                 position += 1
-                if not raw:
-                    continue  # index entry whose record was removed
+                if not raw:  # the record expired (retention) or was removed: drop its entry
+                    self._redis.zrem(index, job_id)
+                    position -= 1
+                    continue
                 record = _record(job_id, {_text(k): _text(v) for k, v in raw.items()})
                 if ((want_status is None or record.status is want_status)
                         and (want_type is None or record.type is want_type)):
@@ -244,7 +249,15 @@ class JobStore:
             raise _stale(job_id, reply[1], attempt)
         record = _record(job_id, _pairs(reply[1]))
         logger.info("job %s: %s (attempt %d)", job_id, target.value, record.attempts)
+        self._expire_if_finished(record)
         return record
+
+    def _expire_if_finished(self, record: JobRecord) -> None:
+        if self._retention_s > 0 and record.status in TERMINAL_STATUSES:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.expire(self._job_key(record.id), self._retention_s)
+            pipe.expire(self._events_key(record.id), self._retention_s)
+            pipe.execute()
 
     def mark_running(self, job_id: str) -> JobRecord:
         """Start an attempt: from queued, or from running when a dead worker's job is retried.
@@ -331,6 +344,7 @@ class JobStore:
                            code="job_finished", job_id=job_id, status=reply[1])
         record = _record(job_id, _pairs(reply[1]))
         logger.info("job %s: cancel requested (now %s)", job_id, record.status.value)
+        self._expire_if_finished(record)
         return record
 
     def is_cancel_requested(self, job_id: str) -> bool:

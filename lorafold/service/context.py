@@ -43,7 +43,7 @@ class ServiceContext:
         self.settings = settings
         self.validator: Validator = validator if validator is not None else InProcessValidator()
         self.redis = redis if redis is not None else connect_redis(settings)
-        self.jobs = JobStore(self.redis)
+        self.jobs = JobStore(self.redis, retention_s=settings.job_retention_s)
         self.idempotency = IdempotencyStore(self.redis, ttl_s=settings.idempotency_ttl_s)
         self._storage = storage
         # The process the storage client belongs to; None: built unused for forking.

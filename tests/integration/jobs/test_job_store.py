@@ -469,3 +469,32 @@ def test_a_superseded_attempt_can_neither_report_nor_fail(store: JobStore) -> No
     store.set_progress(job.id, "merge", 0.5, attempt=live)
     done = store.mark_succeeded(job.id, {"adapter_id": "ad_live", "report": {}}, attempt=live)
     assert done.status is JobStatus.SUCCEEDED and done.result["adapter_id"] == "ad_live"
+
+
+def test_finished_jobs_expire_after_the_retention(redis_client: Redis) -> None:
+    """Redis must not grow without bound: a finished job's record and events expire; the
+    running one stays; listings drop the index entries of expired ones."""
+    import time
+
+    store = JobStore(redis_client, prefix="lorafold-retention:", retention_s=1)
+    done, cancelled, running = (new_job(store) for _ in range(3))
+    store.mark_running(done.id)
+    store.set_progress(done.id, "merge", 0.5)
+    store.mark_succeeded(done.id, {"adapter_id": "ad_x", "report": {}})
+    store.request_cancel(cancelled.id, tenant="acme")  # queued → cancelled at once
+    store.mark_running(running.id)
+    for job_id in (done.id, cancelled.id):
+        assert 0 < redis_client.ttl(f"lorafold-retention:job:{job_id}") <= 1
+        assert 0 < redis_client.ttl(f"lorafold-retention:job:{job_id}:events") <= 1
+    assert redis_client.ttl(f"lorafold-retention:job:{running.id}") == -1  # no expiry
+    time.sleep(1.3)
+    with pytest.raises(JobNotFound):
+        store.get(done.id)
+    assert [j.id for j in store.list(tenant="acme").items] == [running.id]
+    assert redis_client.zcard("lorafold-retention:tenant:acme:jobs") == 1
+    # 0 keeps everything, as before
+    keep = JobStore(redis_client, prefix="lorafold-keep:")
+    job = new_job(keep)
+    keep.mark_running(job.id)
+    keep.mark_failed(job.id, {"code": "x", "message": "y"})
+    assert redis_client.ttl(f"lorafold-keep:job:{job.id}") == -1
