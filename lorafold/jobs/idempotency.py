@@ -58,6 +58,11 @@ class IdempotencyStore:
         self._prefix = prefix
         self._complete = redis.register_script(scripts.IDEMPOTENCY_COMPLETE)
         self._release = redis.register_script(scripts.IDEMPOTENCY_RELEASE)
+        self._extend = redis.register_script(scripts.IDEMPOTENCY_EXTEND)
+
+    @property
+    def pending_ttl_s(self) -> int:
+        return self._pending_ttl_s
 
     def _key(self, tenant: str, scope: str, key: str) -> str:
         if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
@@ -115,6 +120,12 @@ class IdempotencyStore:
         if not int(written):
             logger.warning("idempotency key %s: claim lost to a different body; not stored",
                            redis_key)
+
+    def extend(self, *, tenant: str, scope: str, key: str, body_hash: str) -> bool:
+        """Push our pending claim's expiry `pending_ttl_s` ahead (work still running);
+        False when it is no longer ours to extend."""
+        return bool(int(self._extend(keys=[self._key(tenant, scope, key)],
+                                     args=[body_hash, self._pending_ttl_s])))
 
     def release(self, *, tenant: str, scope: str, key: str, body_hash: str) -> None:
         """Drop our pending claim after a failure so that a retry may run."""

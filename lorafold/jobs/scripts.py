@@ -122,3 +122,15 @@ if rec['state'] == 'pending' and rec['body_hash'] == ARGV[1] then
 end
 return 0
 """
+
+# KEYS: idempotency key. ARGV: body hash, pending TTL (s). Extends our own pending claim.
+IDEMPOTENCY_EXTEND = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local rec = cjson.decode(cur)
+if rec['state'] == 'pending' and rec['body_hash'] == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""

@@ -128,3 +128,25 @@ def test_concurrent_identical_posts_create_one_job(redis_client: Redis) -> None:
     assert kinds.count("owner") == 1 and kinds.count("replay") == n - 1, answers
     assert len({a[1] for a in answers}) == 1
     assert len(jobs.list(tenant="acme").items) == 1
+
+
+def test_a_claim_is_kept_alive_while_its_work_runs(redis_client: Redis) -> None:
+    """Work longer than the pending TTL (an upload's validation can take 600 s against a
+    120 s claim): a retry meanwhile must not run the work again."""
+    import time
+
+    from lorafold.errors import Conflict
+    from lorafold.service.idempotency import idempotent
+
+    idem = IdempotencyStore(redis_client, pending_ttl_s=1, wait_s=0.1, prefix="keepalive:")
+    runs = []
+    with idempotent(idem, tenant="t", scope="uploads", key="k-1", fingerprint="h") as claim:
+        runs.append(1)
+        time.sleep(2.5)  # 2.5 pending TTLs
+        with pytest.raises(Conflict) as info:  # a retry arriving now waits, then says so
+            idem.claim(tenant="t", scope="uploads", key="k-1", body_hash="h")
+        assert info.value.code == "idempotency_in_progress"
+        claim.value = {"id": "ad_1"}
+    assert idem.claim(tenant="t", scope="uploads", key="k-1", body_hash="h") == {"id": "ad_1"}
+    assert runs == [1]
+    assert not idem.extend(tenant="t", scope="uploads", key="k-1", body_hash="h")  # done
