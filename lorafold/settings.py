@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # -- auth: Bearer API key -> tenant -----------------------------------------------
-    api_keys: dict[str, str] = Field(default_factory=dict,
+    api_keys: dict[str, str] = Field(default_factory=dict, repr=False,  # never in logs
                                      description="JSON object {api_key: tenant}")
     api_keys_file: Path | None = Field(default=None,
                                        description="JSON file {api_key: tenant}, mode 600")

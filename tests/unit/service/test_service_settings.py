@@ -100,3 +100,10 @@ def test_client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     client = ClientSettings()
     assert client.url == "http://127.0.0.1:9999"
     assert client.api_key is not None and client.api_key.get_secret_value() == "abc"
+
+
+def test_api_keys_never_appear_in_the_settings_repr() -> None:
+    """Settings get logged and printed in tracebacks; the keys must not be."""
+    settings = Settings(api_keys={"lf_" + "s3cr3t" * 8: "acme"})
+    assert "s3cr3t" not in repr(settings) and "s3cr3t" not in str(settings)
+    assert settings.tenant_for_digest(key_digest("lf_" + "s3cr3t" * 8)) == "acme"
