@@ -71,9 +71,14 @@ def test_archive_holds_the_files_at_its_root(tmp_path: Path) -> None:
 
 
 class FakeIdempotency:
+    pending_ttl_s = 120  # the keep-alive renews a third of this; never reached here
+
     def __init__(self) -> None:
         self.stored: dict[str, dict[str, Any]] = {}
         self.pending: set[str] = set()
+
+    def extend(self, *, tenant: str, scope: str, key: str, body_hash: str) -> bool:
+        return key in self.pending
 
     def claim(self, *, tenant: str, scope: str, key: str, body_hash: str) -> Any:
         if key in self.stored:
