@@ -173,6 +173,10 @@ class MergeCreate(BaseModel):
     base_model_name: str | None = Field(default=None, min_length=1, max_length=256,
                                         description="the output's base_model_name_or_path")
     name: str | None = Field(default=None, max_length=200)
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="POSTed a signed Standard Webhooks event when the job ends (default: "
+                    "the tenant's)")
 
     def to_request(self) -> MergeRequest:
         auto = self.rank == "auto" or (self.rank is None and self.min_energy is not None)
@@ -207,6 +211,10 @@ class PlanCreate(BaseModel):
     min_similarity: float = Field(default=0.0, ge=-1, le=1, allow_inf_nan=False,
                                   description="the least mean cosine a group may have")
     force: bool = Field(default=False, description="plan adapters of different base models")
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="POSTed a signed Standard Webhooks event when the job ends (default: "
+                    "the tenant's)")
 
     @field_validator("rank", mode="before")
     @classmethod
@@ -280,6 +288,10 @@ class UnlearningCreate(BaseModel):
                                                description="overrides of the method's "
                                                            "defaults (lr, max_steps, ...)")
     name: str | None = Field(default=None, max_length=200)
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="POSTed a signed Standard Webhooks event when the job ends (default: "
+                    "the tenant's)")
 
     @field_validator("hyperparams")
     @classmethod

@@ -185,6 +185,7 @@ class LorafoldClient:
               seed: int = 0, beta: float | None = None, subspace: str | None = None,
               force: bool = False, dtype: str | None = None, target: str | None = None,
               base_model_name: str | None = None, name: str | None = None,
+              webhook_url: str | None = None,
               idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit a merge job; fields as in POST /v1/merges. Options left at None are not
         sent, so the service's defaults apply (method and rule: `DEFAULT_METHOD` and
@@ -193,7 +194,8 @@ class LorafoldClient:
         options = {"method": method, "rule": rule, "rank": rank, "min_energy": min_energy,
                    "density": density,
                    "drop": drop, "beta": beta, "subspace": subspace, "dtype": dtype,
-                   "target": target, "base_model_name": base_model_name, "name": name}
+                   "target": target, "base_model_name": base_model_name, "name": name,
+                   "webhook_url": webhook_url}
         body: dict[str, Any] = {
             "adapters": [{"id": i, "weight": w} for i, w in zip(adapter_ids, weights,
                                                                   strict=True)],
@@ -206,11 +208,12 @@ class LorafoldClient:
     def plan(self, adapter_ids: Sequence[str], *, rank: int | str = "auto",
              min_energy: float | None = None, max_rank: int | None = None,
              max_groups: int | None = None, min_similarity: float | None = None,
-             force: bool = False, idempotency_key: str | None = None) -> dict[str, Any]:
+             force: bool = False, webhook_url: str | None = None,
+             idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit a consolidation plan job; fields as in POST /v1/plans (its result's `plan`
         holds the groups, each with its members and rank)."""
         options = {"min_energy": min_energy, "max_rank": max_rank, "max_groups": max_groups,
-                   "min_similarity": min_similarity}
+                   "min_similarity": min_similarity, "webhook_url": webhook_url}
         body: dict[str, Any] = {"adapters": list(adapter_ids), "rank": rank, "force": force,
                                 **{k: v for k, v in options.items() if v is not None}}
         result: dict[str, Any] = self._request(

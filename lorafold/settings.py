@@ -121,6 +121,14 @@ class Settings(BaseSettings):
     job_retries: int = Field(default=2, ge=1, le=10,
                              description="re-runs of a job whose worker died")
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks secret (whsec_<base64>) that signs "
+                                  "job webhooks; without it, webhooks are refused")
+    webhook_urls: dict[str, str] = Field(default_factory=dict,
+                                         description="JSON object {tenant: default webhook "
+                                                     "URL of its jobs}")
+    webhook_retries: int = Field(default=3, ge=0, le=10)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
     job_retention_s: int = Field(default=30 * 24 * 3600, ge=0,
                                  description="finished job records and their events expire "
                                              "this long after the job ended (0: kept forever)")

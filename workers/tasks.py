@@ -20,7 +20,7 @@ from rq.timeouts import JobTimeoutException
 
 from lorafold.errors import Conflict, JobNotFound
 from lorafold.jobs import JobRecord, JobType
-from lorafold.service.attempts import current_attempt
+from lorafold.service.attempts import current_attempt, notify
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import job_context, job_logger
 from lorafold.service.merge_job import run_merge_job
@@ -74,7 +74,7 @@ def fail_job(ctx: ServiceContext, job_id: str, error: Mapping[str, Any], *,
     """Record a final failure unless the job already reached a final state, or (given
     `attempt`) a newer attempt than the one that failed is running it."""
     try:
-        ctx.jobs.mark_failed(job_id, error, attempt=attempt)
+        notify(ctx, ctx.jobs.mark_failed(job_id, error, attempt=attempt))
     except (Conflict, JobNotFound) as e:
         job_logger(logger, job_id).info("failure not recorded: %s", e.message)
 

@@ -21,7 +21,8 @@ def submit_plan(body: PlanCreate, request: Request, response: Response, ctx: Con
     """Checks the options and the inputs before queuing; the job's result is the plan
     (nothing is merged: submit each group to /v1/merges)."""
     record = create_plan(ctx=ctx, tenant=tenant, adapter_ids=body.adapters,
-                         options=body.options(), idempotency_key=idempotency_key)
+                         options=body.options(), idempotency_key=idempotency_key,
+                         webhook_url=body.webhook_url)
     metrics: Metrics = request.app.state.metrics
     metrics.jobs_submitted.labels("plan").inc()
     response.headers["Location"] = f"/v1/jobs/{record.id}"

@@ -22,7 +22,7 @@ def submit_unlearning(body: UnlearningCreate, request: Request, response: Respon
     to it, and the data sets before queuing; then follow the job at `Location`. The job's
     result names the new adapter and carries the merge report or the unlearning metrics."""
     record = create_unlearning(ctx=ctx, tenant=tenant, spec=body.to_spec(), name=body.name,
-                               idempotency_key=idempotency_key)
+                               idempotency_key=idempotency_key, webhook_url=body.webhook_url)
     metrics: Metrics = request.app.state.metrics
     metrics.jobs_submitted.labels("unlearn").inc()
     response.headers["Location"] = f"/v1/jobs/{record.id}"

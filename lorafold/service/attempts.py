@@ -27,6 +27,7 @@ from lorafold.errors import Conflict, JobCancelled, LorafoldError
 from lorafold.jobs import JobRecord
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import JobLogger, ProgressReporter, job_logger
+from lorafold.service.webhooks import deliver
 from lorafold.service.workdirs import attempt_dir, sweep_work_dirs
 
 logger = logging.getLogger(__name__)
@@ -82,15 +83,25 @@ def start_attempt(ctx: ServiceContext, job_id: str, log: JobLogger,
     return record
 
 
-def settle(mark: Callable[[], JobRecord], log: JobLogger) -> JobRecord | None:
-    """Write the final state; a superseded attempt (the job moved on) just stops."""
+def settle(mark: Callable[[], JobRecord], log: JobLogger,
+           ctx: ServiceContext | None = None) -> JobRecord | None:
+    """Write the final state, then report it to the job's webhook; a superseded attempt
+    (the job moved on) just stops."""
     try:
-        return mark()
+        record = mark()
     except Conflict as e:
         if e.code not in SUPERSEDED:
             raise
         log.info("outcome not recorded: %s", e.message)
         return None
+    if ctx is not None:
+        notify(ctx, record)
+    return record
+
+
+def notify(ctx: ServiceContext, record: JobRecord) -> None:
+    """Deliver a finished job's webhook, if it has one; each try is a line in its events."""
+    deliver(ctx.settings, record, log=lambda message: ctx.jobs.log(record.id, message))
 
 
 def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *, device: str | None,
@@ -110,13 +121,13 @@ def run_attempt(ctx: ServiceContext, job_id: str, body: JobBody, *, device: str 
             result = body(JobWork(ctx, record, work, device, stages), log)
     except JobCancelled:
         log.info("cancelled (attempt %d)", attempt)
-        return settle(lambda: ctx.jobs.mark_cancelled(job_id, attempt=attempt), log)
+        return settle(lambda: ctx.jobs.mark_cancelled(job_id, attempt=attempt), log, ctx)
     except LorafoldError as e:
         if isinstance(e, Conflict) and e.code in SUPERSEDED:
             log.info("stopped: %s", e.message)
             return None
         log.warning("failed: %s: %s", e.code, e.message)
         error = e.to_dict()
-        return settle(lambda: ctx.jobs.mark_failed(job_id, error, attempt=attempt), log)
+        return settle(lambda: ctx.jobs.mark_failed(job_id, error, attempt=attempt), log, ctx)
     log.info("succeeded: adapter %s", result.get("adapter_id"))
-    return settle(lambda: ctx.jobs.mark_succeeded(job_id, result, attempt=attempt), log)
+    return settle(lambda: ctx.jobs.mark_succeeded(job_id, result, attempt=attempt), log, ctx)

@@ -12,14 +12,19 @@ from lorafold.errors import StorageError
 from lorafold.jobs import JobPage, JobRecord, JobStatus, JobType
 from lorafold.service.context import ServiceContext
 from lorafold.service.queues import enqueue
+from lorafold.service.webhooks import resolve_webhook
 
 logger = logging.getLogger(__name__)
 
 
 def submit_job(*, ctx: ServiceContext, tenant: str, job_type: JobType,
-               params: Mapping[str, Any]) -> JobRecord:
+               params: Mapping[str, Any], webhook_url: str | None = None) -> JobRecord:
     """Create the job's record, then queue it; a job that cannot be queued is marked
-    failed (retryable) rather than left queued forever."""
+    failed (retryable) rather than left queued forever. The job's webhook (the request's,
+    else the tenant's default) is kept in its params for the worker."""
+    url = resolve_webhook(ctx.settings, tenant, webhook_url)
+    if url is not None:
+        params = {**params, "webhook_url": url}
     record = ctx.jobs.create(tenant=tenant, type=job_type, params=params)
     try:
         enqueue(redis=ctx.redis, settings=ctx.settings, job_type=job_type, job_id=record.id)

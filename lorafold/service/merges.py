@@ -54,11 +54,12 @@ def check_base_models(manifests: Sequence[dict[str, Any]], force: bool) -> None:
 
 def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str],
                  request: MergeRequest, name: str | None = None,
-                 idempotency_key: str | None = None) -> JobRecord:
+                 idempotency_key: str | None = None,
+                 webhook_url: str | None = None) -> JobRecord:
     """A queued merge job, or the job a previous identical request created."""
     name = check_name(name or f"merge of {len(adapter_ids)} adapters")
     fingerprint = body_hash({"adapters": list(adapter_ids), "request": asdict(request),
-                             "name": name})
+                             "name": name, "webhook_url": webhook_url})
     with idempotent(ctx.idempotency, tenant=tenant, scope="merges", key=idempotency_key,
                     fingerprint=fingerprint) as claim:
         if claim.replay is not None:
@@ -68,7 +69,8 @@ def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str]
         manifests = [store.get_manifest(tenant, adapter_id) for adapter_id in adapter_ids]
         check_base_models(manifests, request.force)
         record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.MERGE,
-                            params=merge_params(adapter_ids, request, name, manifests))
+                            params=merge_params(adapter_ids, request, name, manifests),
+                            webhook_url=webhook_url)
         claim.value = {"job_id": record.id}
         return record
 

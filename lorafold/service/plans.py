@@ -35,14 +35,16 @@ def plan_options(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def create_plan(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str],
-                options: Mapping[str, Any], idempotency_key: str | None = None) -> JobRecord:
+                options: Mapping[str, Any], idempotency_key: str | None = None,
+                webhook_url: str | None = None) -> JobRecord:
     """A queued plan job, or the job a previous identical request created."""
     resolved = plan_options(options)
     if not 2 <= len(adapter_ids) <= MAX_PLAN_INPUTS:
         raise InvalidRequest(f"a plan takes 2 to {MAX_PLAN_INPUTS} adapters, got "
                              f"{len(adapter_ids)}", code="too_few_inputs"
                              if len(adapter_ids) < 2 else "invalid_parameter")
-    fingerprint = body_hash({"adapters": list(adapter_ids), "options": resolved})
+    fingerprint = body_hash({"adapters": list(adapter_ids), "options": resolved,
+                             "webhook_url": webhook_url})
     with idempotent(ctx.idempotency, tenant=tenant, scope="plans", key=idempotency_key,
                     fingerprint=fingerprint) as claim:
         if claim.replay is not None:
@@ -52,6 +54,7 @@ def create_plan(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str],
         params = {"inputs": [{"id": adapter_id, "sha256": m["record"]["sha256"]}
                              for adapter_id, m in zip(adapter_ids, manifests, strict=True)],
                   "options": resolved}
-        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.PLAN, params=params)
+        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.PLAN, params=params,
+                            webhook_url=webhook_url)
         claim.value = {"job_id": record.id}
         return record

@@ -81,16 +81,19 @@ class UnlearnSpec:
 
 
 def create_unlearning(*, ctx: ServiceContext, tenant: str, spec: UnlearnSpec,
-                      name: str | None = None, idempotency_key: str | None = None) -> JobRecord:
+                      name: str | None = None, idempotency_key: str | None = None,
+                      webhook_url: str | None = None) -> JobRecord:
     """A queued unlearning job, or the job a previous identical request created."""
     name = check_name(name or f"{spec.method} on {spec.adapter}")
-    fingerprint = body_hash({**dataclasses.asdict(spec), "name": name})
+    fingerprint = body_hash({**dataclasses.asdict(spec), "name": name,
+                             "webhook_url": webhook_url})
     with idempotent(ctx.idempotency, tenant=tenant, scope="unlearning", key=idempotency_key,
                     fingerprint=fingerprint) as claim:
         if claim.replay is not None:
             return ctx.jobs.get(claim.replay["job_id"], tenant=tenant)
         params = {**plan_unlearning(ctx, tenant, spec), "name": name}
-        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.UNLEARN, params=params)
+        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.UNLEARN, params=params,
+                            webhook_url=webhook_url)
         claim.value = {"job_id": record.id}
         return record
 
