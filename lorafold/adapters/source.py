@@ -23,6 +23,7 @@ from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
 
+from lorafold.budget import Budget
 from lorafold.errors import InvalidAdapter
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,17 +81,9 @@ def _check_count(count: int) -> None:
         raise _too_large(f"archive has more than {MAX_ARCHIVE_ENTRIES} entries")
 
 
-class _Budget:
+def _archive_budget(limit: int) -> Budget:
     """Bytes an archive may expand to; one byte more refuses it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def add(self, n: int) -> None:
-        self.used += n
-        if self.used > self.limit:
-            raise _too_large(f"archive expands past {self.limit} bytes")
+    return Budget(limit, lambda n: _too_large(f"archive expands past {n} bytes"))
 
 
 class _BoundedStream:
@@ -155,7 +148,7 @@ def _plan(files: Collection[PurePosixPath],
     return wanted
 
 
-def _copy(src: IO[bytes], target: Path, written: _Budget) -> None:
+def _copy(src: IO[bytes], target: Path, written: Budget) -> None:
     """Stream one member out, counting its real bytes against the budget before writing."""
     with src, target.open("wb") as out:
         while chunk := src.read(COPY_CHUNK):
@@ -179,7 +172,7 @@ def _extract_zip(payload: io.BufferedIOBase, dest: Path, limit: int) -> None:
     with zipfile.ZipFile(payload) as archive:
         infos = archive.infolist()
         _check_count(len(infos))
-        declared = _Budget(limit)
+        declared = _archive_budget(limit)
         files: dict[PurePosixPath, zipfile.ZipInfo] = {}
         dirs: set[PurePosixPath] = set()
         for info in infos:
@@ -191,7 +184,7 @@ def _extract_zip(payload: io.BufferedIOBase, dest: Path, limit: int) -> None:
                 continue
             declared.add(info.file_size)
             files[path] = info
-        written = _Budget(limit)
+        written = _archive_budget(limit)
         for name, path in _plan(files, dirs).items():
             _copy(archive.open(files[path]), dest / name, written)
 
@@ -200,7 +193,7 @@ def _extract_tar(payload: io.BufferedIOBase, dest: Path, limit: int, *, compress
     with gzip.GzipFile(fileobj=payload) if compressed else payload as stream:
         bounded = _BoundedStream(stream, limit + TAR_OVERHEAD_BYTES)
         with tarfile.open(fileobj=bounded, mode="r:") as archive:
-            declared = _Budget(limit)  # checked per header: skipping a member reads it
+            declared = _archive_budget(limit)  # checked per header: skipping a member reads it
             files: dict[PurePosixPath, tarfile.TarInfo] = {}
             dirs: set[PurePosixPath] = set()
             for count, member in enumerate(archive, start=1):
@@ -213,7 +206,7 @@ def _extract_tar(payload: io.BufferedIOBase, dest: Path, limit: int, *, compress
                 elif member.isfile():
                     declared.add(member.size)
                     files[path] = member
-            written = _Budget(limit)
+            written = _archive_budget(limit)
             for name, path in _plan(files, dirs).items():
                 src = archive.extractfile(files[path])
                 if src is not None:

@@ -17,12 +17,14 @@ attempt first sweeps the directories of attempts that died.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
+from lorafold.adapters import LoraAdapter, open_adapter
 from lorafold.errors import Conflict, JobCancelled, LorafoldError
 from lorafold.jobs import JobRecord
 from lorafold.service.context import ServiceContext
@@ -62,6 +64,17 @@ class JobWork:
         self.checkpoint()
         return self.ctx.adapters.fetch_files(self.record.tenant, adapter_id,
                                              self.work / "inputs" / adapter_id)
+
+    def open_inputs(self, stack: contextlib.ExitStack) -> list[LoraAdapter]:
+        """The job's `inputs` (params), fetched and opened in order (labelled by their ids,
+        closed with `stack`), reporting stage "fetch" as they come."""
+        input_ids = [item["id"] for item in self.params["inputs"]]
+        adapters = []
+        for done, adapter_id in enumerate(input_ids):
+            adapters.append(stack.enter_context(open_adapter(self.fetch(adapter_id),
+                                                             label=adapter_id)))
+            self.progress("fetch", (done + 1) / len(input_ids))
+        return adapters
 
 
 JobBody = Callable[[JobWork, JobLogger], dict[str, Any]]

@@ -13,7 +13,6 @@ import contextlib
 import logging
 from typing import Any
 
-from lorafold.adapters import open_adapter
 from lorafold.jobs import JobRecord
 from lorafold.merge import MergeResult, merge_adapters
 from lorafold.service.adapters import publish_job_output
@@ -40,11 +39,7 @@ def _merge_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
     request = request_from_params(job.params)
     input_ids = [item["id"] for item in job.params["inputs"]]
     with contextlib.ExitStack() as stack:
-        adapters = []
-        for done, adapter_id in enumerate(input_ids):
-            adapters.append(stack.enter_context(open_adapter(job.fetch(adapter_id),
-                                                             label=adapter_id)))
-            job.progress("fetch", (done + 1) / len(input_ids))
+        adapters = job.open_inputs(stack)
         log.info("fetched %d inputs; merging (%s/%s)", len(adapters), request.method,
                  request.rule_name)
         result = merge_adapters(adapters, job.work / "output", request, device=job.device,

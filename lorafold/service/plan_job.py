@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from lorafold.adapters import open_adapter
 from lorafold.jobs import JobRecord
 from lorafold.merge.grouping import plan_groups
 from lorafold.service.attempts import JobWork, run_attempt
@@ -29,17 +28,12 @@ def run_plan_job(*, ctx: ServiceContext, job_id: str, device: str | None = None,
 
 def _plan(job: JobWork, log: JobLogger) -> dict[str, Any]:
     options = dict(job.params["options"])
-    input_ids = [item["id"] for item in job.params["inputs"]]
     with contextlib.ExitStack() as stack:
-        adapters = []
-        for done, adapter_id in enumerate(input_ids):
-            adapters.append(stack.enter_context(open_adapter(job.fetch(adapter_id),
-                                                             label=adapter_id)))
-            job.progress("fetch", (done + 1) / len(input_ids))
+        adapters = job.open_inputs(stack)
         job.progress("plan", 0.0)
         job.checkpoint()
         plan = plan_groups(adapters, rank=options["rank"], energy=options["min_energy"],
                            max_rank=options["max_rank"], max_groups=options["max_groups"],
                            min_similarity=options["min_similarity"], force=options["force"])
-    log.info("planned %d inputs into %d group(s)", len(input_ids), len(plan.groups))
+    log.info("planned %d inputs into %d group(s)", len(adapters), len(plan.groups))
     return {"plan": plan.to_dict(), "options": options}

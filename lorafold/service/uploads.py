@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from lorafold.adapters.source import resolve_source
+from lorafold.budget import Budget
 from lorafold.errors import AdapterNotFound, InvalidRequest, PayloadTooLarge
 from lorafold.jobs import body_hash
 from lorafold.service.adapters import (
@@ -58,18 +59,12 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 16
 
 
-class ByteBudget:
+class ByteBudget(Budget):
     """Counts the bytes of one request; past `limit` it raises PayloadTooLarge."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def add(self, n: int) -> None:
-        self.used += n
-        if self.used > self.limit:
-            raise PayloadTooLarge(f"the upload exceeds the limit of {self.limit} bytes",
-                                  limit=self.limit)
+        super().__init__(limit, lambda n: PayloadTooLarge(
+            f"the upload exceeds the limit of {n} bytes", limit=n))
 
     @property
     def exceeded(self) -> bool:

@@ -28,6 +28,14 @@ def service_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         server.stop()
 
 
+def settings_for(redis_url: str, root: Path) -> Settings:
+    """Test settings on one Redis, with storage and spool under `root` (the tests' keys)."""
+    return Settings(environment="test", redis_url=redis_url,
+                    storage_url=str(root / "storage"), spool_dir=root / "spool",
+                    api_keys={key: tenant for tenant, key in KEYS.items()},
+                    validation_processes=0)
+
+
 @pytest.fixture
 def settings(service_redis: RedisServer, tmp_path: Path) -> Settings:
     Redis.from_url(service_redis.url).flushdb()

@@ -27,8 +27,7 @@ from app.main import create_app
 from lorafold.jobs import JobType
 from lorafold.servers.redis import RedisServer, start_redis
 from lorafold.service.context import REDIS_SOCKET_TIMEOUT_S, ServiceContext
-from lorafold.settings import Settings
-from tests.integration.service.conftest import KEYS
+from tests.integration.service.conftest import KEYS, settings_for
 
 HEALTHZ_BOUND_S = 1.0
 STALL_S = 3.0  # below the client's socket timeout: the stalled request then completes
@@ -45,10 +44,7 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     server = start_redis(tmp_path / "redis")
-    settings = Settings(environment="test", redis_url=server.url,
-                        storage_url=str(tmp_path / "storage"), spool_dir=tmp_path / "spool",
-                        api_keys={key: tenant for tenant, key in KEYS.items()},
-                        validation_processes=0)
+    settings = settings_for(server.url, tmp_path)
     ctx = ServiceContext(settings)
     try:
         job = ctx.jobs.create(tenant="tenant-a", type=JobType.MERGE, params={})

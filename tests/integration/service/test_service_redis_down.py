@@ -12,17 +12,13 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from lorafold.servers.redis import start_redis
 from lorafold.service.context import ServiceContext
-from lorafold.settings import Settings
-from tests.integration.service.conftest import KEYS
+from tests.integration.service.conftest import KEYS, settings_for
 
 
 @pytest.fixture
 def api_without_redis(tmp_path: Path) -> Iterator[TestClient]:
     server = start_redis(tmp_path / "redis")
-    settings = Settings(environment="test", redis_url=server.url,
-                        storage_url=str(tmp_path / "storage"), spool_dir=tmp_path / "spool",
-                        api_keys={key: tenant for tenant, key in KEYS.items()},
-                        validation_processes=0)
+    settings = settings_for(server.url, tmp_path)
     ctx = ServiceContext(settings)
     try:
         app = create_app(settings, context=ctx)
