@@ -50,11 +50,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from machine import machine_info
 from scipy.stats import ks_2samp
 from unlearn_world import World, WorldSpec, build_world, load_base, train_adapter
 
+from lorafold.merge.threads import torch_threads
 from lorafold.unlearn import METHODS, Hyperparams, TextDataset, resolve_hyperparams, unlearn
 from lorafold.unlearn.metrics import SetMetrics, measure_sets, summarize
 
@@ -412,18 +412,13 @@ def run_benchmark(cfg: BenchConfig, command: str, workdir: Path | None = None
                   ) -> dict[str, Any]:
     """Build the world, run every row for every seed, summarise. JSON-ready."""
     started, load_before = time.perf_counter(), os.getloadavg()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with _workdir(workdir) as root:
-            world = build_world(root, cfg.world)
-            _log(started, f"world built: {len(world.forget)} forget, {len(world.retain)} "
-                          f"retain, {len(world.holdout)} + {len(world.eval_holdout)} holdout "
-                          "examples")
-            runs = collect_runs(world, cfg, root, started)
-            world_sizes = sizes(world, cfg)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.threads), _workdir(workdir) as root:
+        world = build_world(root, cfg.world)
+        _log(started, f"world built: {len(world.forget)} forget, {len(world.retain)} "
+                      f"retain, {len(world.holdout)} + {len(world.eval_holdout)} holdout "
+                      "examples")
+        runs = collect_runs(world, cfg, root, started)
+        world_sizes = sizes(world, cfg)
     return {
         "benchmark": "unlearn_quality", "command": command, "config": asdict(cfg),
         "sizes": world_sizes, "hyperparameter_rule": HYPERPARAMETER_RULE,

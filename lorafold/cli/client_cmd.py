@@ -20,22 +20,13 @@ from typing import Any
 from lorafold.cli.hyperparams_option import parse_hyperparams
 from lorafold.cli.merge_cmd import (
     BAR_FORMAT,
-    BASE_MODEL_NAME_HELP,
-    BETA_HELP,
-    DENSITY_HELP,
-    DROP_HELP,
-    METHOD_HELP,
-    RANK_HELP,
-    RULE_HELP,
-    SUBSPACE_HELP,
-    TARGET_HELP,
+    add_merge_options,
     parse_rank,
     parse_weights,
 )
 from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
-from lorafold.merge.options import OUTPUT_DTYPES, SERVING_TARGETS, SUBSPACE_MODES
 from lorafold.settings import ClientSettings
 
 
@@ -229,25 +220,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     merge = actions.add_parser("merge", help="merge adapters (a job)")
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
-    merge.add_argument("--method", help=METHOD_HELP)
-    merge.add_argument("--rule", help=RULE_HELP)
-    merge.add_argument("--rank", type=parse_rank, default=(None, None), metavar="R|auto[:E]",
-                       help=RANK_HELP)
-    merge.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
-    merge.add_argument("--density", type=float, help=DENSITY_HELP)
-    merge.add_argument("--drop", type=float, help=DROP_HELP)
-    merge.add_argument("--scale", type=float, default=1.0,
-                       help="global scale λ on the merged delta (default 1)")
-    merge.add_argument("--seed", type=int, default=0,
-                       help="seed for dare's random drop (default 0)")
-    merge.add_argument("--beta", type=float, help=BETA_HELP)
-    merge.add_argument("--subspace", choices=SUBSPACE_MODES, help=SUBSPACE_HELP)
-    merge.add_argument("--force", action="store_true",
-                       help="merge adapters of different base models")
-    merge.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
-                       help="output dtype (default: the first input's)")
-    merge.add_argument("--target", choices=SERVING_TARGETS, help=TARGET_HELP)
-    merge.add_argument("--base-model-name", help=BASE_MODEL_NAME_HELP)
+    add_merge_options(merge, method_default=None)
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
     merge.add_argument("--timeout", type=float, default=3600.0, help="seconds, with --wait")

@@ -75,15 +75,12 @@ def parse_rank(text: str) -> tuple[int | None, float | None]:
             from None
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("merge", help="merge LoRA adapters into one",
-                       description="Merge PEFT LoRA adapters (directories, .zip or .tar.gz) "
-                                   "into one rank-r LoRA.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="adapter dir or archive")
-    p.add_argument("--out", required=True, type=Path, help="output adapter directory")
+def add_merge_options(p: argparse.ArgumentParser, *, method_default: str | None) -> None:
+    """The options of a merge request, shared by `lorafold merge` and `lorafold client
+    merge` (the client leaves `--method` unset: the service applies its default)."""
     p.add_argument("--rank", type=parse_rank, default=(None, None), metavar="R|auto[:E]",
                    help=RANK_HELP)
-    p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
+    p.add_argument("--method", default=method_default, help=METHOD_HELP)
     p.add_argument("--rule", help=RULE_HELP)
     p.add_argument("--weights", help="comma-separated weight per input (default 1 each)")
     p.add_argument("--density", type=float, help=DENSITY_HELP)
@@ -94,12 +91,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--beta", type=float, help=BETA_HELP)
     p.add_argument("--subspace", choices=SUBSPACE_MODES, help=SUBSPACE_HELP)
     p.add_argument("--force", action="store_true", help="merge adapters of different base models")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(OUTPUT_DTYPES),
                    help="output dtype (default: the first input's)")
     p.add_argument("--target", choices=SERVING_TARGETS, help=TARGET_HELP)
     p.add_argument("--base-model-name", help=BASE_MODEL_NAME_HELP)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("merge", help="merge LoRA adapters into one",
+                       description="Merge PEFT LoRA adapters (directories, .zip or .tar.gz) "
+                                   "into one rank-r LoRA.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="adapter dir or archive")
+    p.add_argument("--out", required=True, type=Path, help="output adapter directory")
+    add_merge_options(p, method_default=DEFAULT_METHOD)
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)

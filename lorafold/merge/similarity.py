@@ -35,6 +35,7 @@ from lorafold.adapters.reader import LoraAdapter
 from lorafold.errors import IncompatibleAdapters, InvalidRequest
 from lorafold.merge.plan import unique_labels
 from lorafold.merge.rules import numerical_rank
+from lorafold.merge.threads import torch_threads
 
 Pair = tuple[torch.Tensor, torch.Tensor]      # (s_t·B_t m×r_t, A_t r_t×n): the scale in B
 ModuleFactors = tuple[str, Sequence[Pair | None]]   # a module and each input's pair (or None)
@@ -60,12 +61,8 @@ def one_cpu_thread(factors: Sequence[Pair | None]) -> Iterator[None]:
     if first is None or first.device.type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

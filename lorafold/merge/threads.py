@@ -62,6 +62,17 @@ class _MergeThreads:
     big_seconds: float = 0.0                      # time spent inside big ops so far
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch on `count` threads inside, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 _ACTIVE: ContextVar[_MergeThreads | None] = ContextVar("merge_threads", default=None)
 
 

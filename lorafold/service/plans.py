@@ -12,7 +12,7 @@ from typing import Any
 
 from lorafold.errors import InvalidRequest
 from lorafold.jobs import JobRecord, JobType, body_hash
-from lorafold.merge.grouping import check_plan_options
+from lorafold.merge.grouping import DEFAULT_MIN_SIMILARITY, check_plan_options
 from lorafold.merge.options import DEFAULT_MIN_ENERGY
 from lorafold.service.context import ServiceContext
 from lorafold.service.idempotency import idempotent
@@ -23,7 +23,7 @@ MAX_PLAN_INPUTS = 64
 
 PLAN_OPTION_DEFAULTS: Mapping[str, Any] = {
     "rank": None, "min_energy": DEFAULT_MIN_ENERGY, "max_rank": None, "max_groups": None,
-    "min_similarity": 0.0, "force": False}
+    "min_similarity": DEFAULT_MIN_SIMILARITY, "force": False}
 
 
 def plan_options(given: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -60,7 +60,8 @@ def event_body(record: JobRecord) -> str:
 
 
 def deliver(settings: Settings, record: JobRecord,
-            log: Any = None, sleep: Any = time.sleep) -> bool:
+            log: Callable[[str], object] | None = None,
+            sleep: Callable[[float], object] = time.sleep) -> bool:
     """POST the job's final state to its webhook, retrying; True once a 2xx answered.
 
     `log(message)` records each try (the job's events); never raises.
@@ -94,7 +95,7 @@ def deliver(settings: Settings, record: JobRecord,
     return False
 
 
-def _note(log: Any, message: str) -> None:
+def _note(log: Callable[[str], object] | None, message: str) -> None:
     if log is None:
         return
     try:

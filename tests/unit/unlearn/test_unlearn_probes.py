@@ -36,6 +36,7 @@ import pytest
 import torch
 from torch import nn
 
+from lorafold.merge.threads import torch_threads
 from lorafold.unlearn.datasets import TextDataset, encode, make_batches, pad_id_of
 from lorafold.unlearn.hyperparams import Hyperparams
 from lorafold.unlearn.metrics import measure, token_stats
@@ -186,12 +187,8 @@ def _build_probe_world(world: FactWorld) -> ProbeWorld:
 def probe_world(fact_world: FactWorld) -> Iterator[ProbeWorld]:
     # One thread, as for fact_world: the autouse one-thread fixture starts after this one,
     # and more threads on a busy machine made this build take 227 s instead of 2 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         world = _build_probe_world(fact_world)
-    finally:
-        torch.set_num_threads(threads)
     yield world
 
 
