@@ -166,7 +166,8 @@ def save_base_model(models_root: Path) -> Path:
     return base_dir
 
 
-def noise_adapter(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0) -> Path:
+def noise_adapter(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0,
+                  std: float = 0.05) -> Path:
     """A PEFT LoRA for the base at `base_dir` with seeded noise in every factor (PEFT starts
     lora_B at zero, which would make unlearning a no-op), naming the base by BASE_NAME."""
     from peft import LoraConfig, get_peft_model
@@ -179,7 +180,7 @@ def noise_adapter(base_dir: Path, out_dir: Path, *, rank: int = 4, seed: int = 0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
     model.save_pretrained(str(out_dir))
     (out_dir / "README.md").unlink(missing_ok=True)
     config_path = out_dir / "adapter_config.json"
