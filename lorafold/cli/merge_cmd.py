@@ -23,6 +23,7 @@ from lorafold.merge.options import (
     SERVING_TARGETS,
     SUBSPACE_MODES,
 )
+from lorafold.tune.cli import add_tune_options, run_tuned_merge, tuning_lines
 
 BETA_HELP = (f"ctm: β ∈ [0, 1] rescaling of the inputs before the shared subspaces are chosen: "
              f"1 = as they are, 0 = all at the mean norm (default {DEFAULT_BETA})")
@@ -108,6 +109,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="auto (cuda if present), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tune_options(p)
     p.set_defaults(handler=run)
 
 
@@ -135,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
         bar.n = round(fraction * 100)
         bar.refresh()
 
+    tuning = None
     try:
-        result = merge_adapters(args.inputs, args.out, request, device=args.device,
-                                progress=progress)
+        if args.tune_data:  # a tuned merge: search on validation data, then write the best
+            tuned = run_tuned_merge(args, request, progress)
+            result, tuning = tuned.result, tuned.tuning
+        else:
+            result = merge_adapters(args.inputs, args.out, request, device=args.device,
+                                    progress=progress)
         progress("write", 1.0)  # the writer reports its start only; this is its end
     finally:
         if bar is not None:
@@ -154,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                  else f" ({subspaces['mean_start_energy']:.4f} at the HOSVD start)")
         print(f"subspaces: {subspaces['mode']}, max {subspaces['max_sweeps']} sweeps, "
               f"mean captured energy {subspaces['mean_energy']:.4f}{start}")
+    for line in tuning_lines(tuning) if tuning is not None else ():
+        print(line)
     print(f"{'input':<48} {'modules':>7} {'energy':>8} {'cosine':>8}")
     for row in result.report["inputs"]:
         energy = "-" if row["mean_energy"] is None else f"{row['mean_energy']:.4f}"
