@@ -18,7 +18,9 @@ from lorafold.merge.options import (
     DEFAULT_RULE,
     DEFAULT_SUBSPACE,
 )
+from lorafold.service.tuned_merges import TuneSpec
 from lorafold.service.unlearning import UnlearnSpec
+from lorafold.tune.options import DEFAULT_BUDGET, TUNE_PARAMS
 
 ADAPTER_EXAMPLE: dict[str, Any] = {
     "id": "ad_6f1c2a9e4b7d4e0f9a8b7c6d5e4f3a2b", "name": "support-tickets-v3",
@@ -113,6 +115,33 @@ class MergeInput(BaseModel):
         return value
 
 
+class TuneCreate(BaseModel):
+    """`tune` of a merge: choose the named parameters on validation data (docs/tuning.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datasets: list[str] = Field(min_length=1, max_length=64,
+                                description="validation data set ids (POST /v1/datasets): "
+                                            "one for all inputs or one per input")
+    base_model: str | None = Field(default=None, min_length=1, max_length=256,
+                                   description="default: the inputs' base model")
+    params: list[str] | None = Field(
+        default=None, max_length=len(TUNE_PARAMS),
+        description=f"from {', '.join(TUNE_PARAMS)} (default lambda, plus beta for ctm and "
+                    "density/drop for the rules that take them)")
+    budget: int | None = Field(default=None, description="validation passes: candidates "
+                                                         f"and weight steps (default "
+                                                         f"{DEFAULT_BUDGET}, bounded per "
+                                                         "tenant)")
+    time_limit_s: float | None = Field(default=None, allow_inf_nan=False,
+                                       description="stop the search after this long")
+
+    def to_spec(self) -> TuneSpec:
+        return TuneSpec(datasets=tuple(self.datasets), base_model=self.base_model,
+                        params=None if self.params is None else tuple(self.params),
+                        budget=self.budget, time_limit_s=self.time_limit_s)
+
+
 class MergeCreate(BaseModel):
     """A merge request. `rank` is required by every method but `cat`; an option left out
     (or null) takes its default."""
@@ -177,6 +206,7 @@ class MergeCreate(BaseModel):
         default=None, max_length=2048,
         description="POSTed a signed Standard Webhooks event when the job ends (default: "
                     "the tenant's)")
+    tune: TuneCreate | None = Field(default=None, description="make this a tuned merge")
 
     def to_request(self) -> MergeRequest:
         auto = self.rank == "auto" or (self.rank is None and self.min_energy is not None)

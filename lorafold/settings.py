@@ -113,6 +113,15 @@ class Settings(BaseSettings):
                                        description="download a base model found nowhere "
                                                    "locally (off: jobs never fetch models)")
 
+    # -- tuned merges (docs/tuning.md) ----------------------------------------------------
+    max_tune_budget: int = Field(default=64, ge=1,
+                                 description="most validation passes a tuned merge may ask for")
+    tenant_tune_budgets: dict[str, int] = Field(
+        default_factory=dict, description="JSON object {tenant: its own bound on a tuned "
+                                          "merge's budget}, overriding max_tune_budget")
+    max_tune_time_s: float = Field(default=1800.0, gt=0,
+                                   description="longest search a tuned merge may ask for")
+
     # -- jobs ---------------------------------------------------------------------------
     queue_prefix: str = Field(default="lorafold", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     merge_timeout_s: int = Field(default=3600, ge=10)
@@ -251,6 +260,10 @@ class Settings(BaseSettings):
             return None
         return {**self.storage_options(), "endpoint_url": self.s3_public_endpoint_url,
                 "create_bucket": False}
+
+    def tune_budget_for(self, tenant: str) -> int:
+        """The bound on a tuned merge's budget for `tenant`."""
+        return self.tenant_tune_budgets.get(tenant, self.max_tune_budget)
 
     def job_timeout_s(self, job_type: str) -> int:
         timeouts = {"merge": self.merge_timeout_s, "unlearn": self.unlearn_timeout_s,

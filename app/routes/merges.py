@@ -21,7 +21,8 @@ def submit_merge(body: MergeCreate, request: Request, response: Response, ctx: C
     queuing; then follow the job at `Location`."""
     record = create_merge(ctx=ctx, tenant=tenant, adapter_ids=[a.id for a in body.adapters],
                           request=body.to_request(), name=body.name,
-                          idempotency_key=idempotency_key, webhook_url=body.webhook_url)
+                          idempotency_key=idempotency_key, webhook_url=body.webhook_url,
+                          tune=body.tune.to_spec() if body.tune is not None else None)
     metrics: Metrics = request.app.state.metrics
     metrics.jobs_submitted.labels("merge").inc()
     response.headers["Location"] = f"/v1/jobs/{record.id}"

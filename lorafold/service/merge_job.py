@@ -20,6 +20,7 @@ from lorafold.service.attempts import JobWork, run_attempt
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import JobLogger
 from lorafold.service.merges import request_from_params
+from lorafold.service.tuned_merges import run_tuned_merge
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,17 @@ def run_merge_job(*, ctx: ServiceContext, job_id: str, device: str | None = None
 def _merge_and_publish(job: JobWork, log: JobLogger) -> dict[str, Any]:
     request = request_from_params(job.params)
     input_ids = [item["id"] for item in job.params["inputs"]]
-    with contextlib.ExitStack() as stack:
-        adapters = job.open_inputs(stack)
-        log.info("fetched %d inputs; merging (%s/%s)", len(adapters), request.method,
-                 request.rule_name)
-        result = merge_adapters(adapters, job.work / "output", request, device=job.device,
-                                progress=job.progress, checkpoint=job.checkpoint,
-                                lineage_extra={"input_ids": input_ids, "job_id": job.record.id})
+    if "tune" in job.params:  # a tuned merge (lorafold.service.tuned_merges)
+        result = run_tuned_merge(job, log, request).result
+    else:
+        with contextlib.ExitStack() as stack:
+            adapters = job.open_inputs(stack)
+            log.info("fetched %d inputs; merging (%s/%s)", len(adapters), request.method,
+                     request.rule_name)
+            result = merge_adapters(adapters, job.work / "output", request, device=job.device,
+                                    progress=job.progress, checkpoint=job.checkpoint,
+                                    lineage_extra={"input_ids": input_ids,
+                                                   "job_id": job.record.id})
     job.checkpoint()
     job.progress("publish", 0.0)
     output_id = publish_job_output(job.ctx, job.record, result.out_dir, job.work,
@@ -65,7 +70,8 @@ def merge_summary(result: MergeResult) -> dict[str, Any]:
     if "subspaces" in result.report:
         summary["subspaces"] = {k: v for k, v in result.report["subspaces"].items()
                                 if k != "modules"}
-    for key in ("auto_rank", "serving"):  # rank "auto"'s choice, a target's preflight
+    # rank "auto"'s choice, a target's preflight, a tuned merge's search
+    for key in ("auto_rank", "serving", "tuning"):
         if key in result.report:
             summary[key] = result.report[key]
     return summary

@@ -19,6 +19,7 @@ from lorafold.service.adapters import check_name
 from lorafold.service.context import ServiceContext
 from lorafold.service.idempotency import idempotent
 from lorafold.service.jobs import submit_job
+from lorafold.service.tuned_merges import TuneSpec, plan_tune
 
 
 def merge_params(adapter_ids: Sequence[str], request: MergeRequest, name: str,
@@ -55,11 +56,13 @@ def check_base_models(manifests: Sequence[dict[str, Any]], force: bool) -> None:
 def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str],
                  request: MergeRequest, name: str | None = None,
                  idempotency_key: str | None = None,
-                 webhook_url: str | None = None) -> JobRecord:
-    """A queued merge job, or the job a previous identical request created."""
+                 webhook_url: str | None = None, tune: TuneSpec | None = None) -> JobRecord:
+    """A queued merge job, or the job a previous identical request created; with `tune`,
+    a tuned merge (lorafold.service.tuned_merges), refused here if it cannot run."""
     name = check_name(name or f"merge of {len(adapter_ids)} adapters")
     fingerprint = body_hash({"adapters": list(adapter_ids), "request": asdict(request),
-                             "name": name, "webhook_url": webhook_url})
+                             "name": name, "webhook_url": webhook_url,
+                             **({"tune": asdict(tune)} if tune is not None else {})})
     with idempotent(ctx.idempotency, tenant=tenant, scope="merges", key=idempotency_key,
                     fingerprint=fingerprint) as claim:
         if claim.replay is not None:
@@ -68,8 +71,10 @@ def create_merge(*, ctx: ServiceContext, tenant: str, adapter_ids: Sequence[str]
         store = ctx.adapters
         manifests = [store.get_manifest(tenant, adapter_id) for adapter_id in adapter_ids]
         check_base_models(manifests, request.force)
-        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.MERGE,
-                            params=merge_params(adapter_ids, request, name, manifests),
+        params = merge_params(adapter_ids, request, name, manifests)
+        if tune is not None:
+            params["tune"] = plan_tune(ctx, tenant, tune, request, manifests)
+        record = submit_job(ctx=ctx, tenant=tenant, job_type=JobType.MERGE, params=params,
                             webhook_url=webhook_url)
         claim.value = {"job_id": record.id}
         return record

@@ -197,13 +197,13 @@ def _plan_data(ctx: ServiceContext, tenant: str, spec: UnlearnSpec,
             raise
         model_dir = None  # the worker downloads it; the fit is checked there
     if model_dir is not None:
-        _check_fit(ctx, manifest, model_dir)
+        check_fit(ctx, manifest, model_dir)
     return {"method": spec.method, "adapter": spec.adapter, "base_model": base_name,
             "datasets": {role: i for role, i in datasets.items() if i is not None},
             "hyperparams": dataclasses.asdict(hyperparams)}
 
 
-def _check_fit(ctx: ServiceContext, manifest: Mapping[str, Any], model_dir: Path) -> None:
+def check_fit(ctx: ServiceContext, manifest: Mapping[str, Any], model_dir: Path) -> None:
     """Refuse an adapter whose modules do not exist, or differ in shape, in the base model."""
     try:
         with tempfile.TemporaryDirectory(prefix="fit-", dir=ctx.spool_dir) as tmp:
