@@ -50,12 +50,16 @@ from typing import Any, Protocol
 
 import minilm_world
 import torch
+import toy_text
 import toy_world
 from lora_deltas import Deltas, read_deltas
 from machine import machine_info
 
 from lorafold.merge import MergeRequest, merge_adapters
 from lorafold.merge.rules import RULES, RuleParams, apply_rule
+from lorafold.tune.api import tune_merge
+from lorafold.tune.options import TuneRequest
+from lorafold.tune.search import Dimension, coordinate_search
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Log = Callable[[str], None]
@@ -118,12 +122,34 @@ class Regime:
 
 
 @dataclass(frozen=True)
+class TunedRow:
+    """A merge tuned by `lorafold.tune` (validation NLL), beside the grid row `compare`."""
+
+    label: str
+    method: str
+    rule: str
+    params: tuple[str, ...] | None = None        # None: lorafold.tune's default
+    compare: str | None = None                   # the grid row it is set against
+
+
+def default_tuned() -> tuple[TunedRow, ...]:
+    return (TunedRow("tuned:ctm-iso", "ctm", "iso", compare="ctm-iso"),
+            TunedRow("tuned:ctm-ties", "ctm", "ties", compare="ctm-ties"),
+            TunedRow("tuned:ctm-ta", "ctm", "ta", ("lambda",), compare="ctm-ta"),
+            TunedRow("learned:ctm-ta", "ctm", "ta", ("lambda", "weights"),
+                     compare="tuned:ctm-ta"))
+
+
+@dataclass(frozen=True)
 class QualityConfig:
     regimes: tuple[Regime, ...]
     ranks: tuple[int, ...] = (8, 16, 32)
     grids: Grids = Grids()
     beta_sweep_rank: int | None = 16             # ctm (hooi) rows re-tuned at each fixed β
     threads: int | None = None                   # overrides every regime's threads
+    tuned: tuple[TunedRow, ...] = field(default_factory=default_tuned)  # toy regimes only
+    tuned_rank: int | None = 16
+    tuned_budget: int = 24                       # validation passes per tuned row
 
 
 FULL = QualityConfig(regimes=(
@@ -136,7 +162,7 @@ QUICK = QualityConfig(
              Regime("toy-spread", "toy", (0,), toy=toy_world.TOY_QUICK_SPREAD),
              Regime("minilm", "minilm", (0,), minilm=minilm_world.QUICK)),
     ranks=(4,), grids=Grids(scales=(0.5, 1.0), betas=(0.0, 1.0), densities=(0.5,),
-                            drops=(0.3,)), beta_sweep_rank=4)
+                            drops=(0.3,)), beta_sweep_rank=4, tuned_rank=4, tuned_budget=8)
 
 
 class Evaluator(Protocol):
@@ -241,41 +267,33 @@ class Scorer:
         return self.scores[key]
 
 
-def best_of(values: Sequence[float], score: Callable[[float], float]) -> float:
-    """The grid value with the highest score; the earlier one on ties."""
-    best = values[0]
-    best_score = score(best)
-    for value in values[1:]:
-        value_score = score(value)
-        if value_score > best_score:
-            best, best_score = value, value_score
-    return best
-
-
 def tune(row: Row, rank: int | None, scorer: Scorer, grids: Grids,
          fixed: Mapping[str, float] | None = None) -> tuple[dict[str, float], float]:
-    """Coordinate ascent on validation: λ, then each knob in turn, then λ again. `fixed`
+    """Coordinate ascent on validation: λ, then each knob in turn, then λ again
+    (`lorafold.tune.search`, without its refinement, ending where the path ends). `fixed`
     pins knobs (the β sweep); they are not tuned."""
     fixed = dict(fixed or {})
     start = dict(grids.start)
     knobs = {k: fixed.get(k, start[k]) for k in row.knobs}
+    free = [k for k in row.knobs if k not in fixed]
+    dimensions = [Dimension("scale", grids.scales, min(grids.scales), max(grids.scales)),
+                  *(Dimension(k, grids.values(k), min(grids.values(k)), max(grids.values(k)))
+                    for k in free)]
 
-    def with_knob(knob: str, value: float) -> dict[str, float]:
-        return {**knobs, knob: value}
+    def loss(point: Mapping[str, float]) -> float:
+        chosen = {k: point.get(k, v) for k, v in knobs.items()}
+        return -scorer.validation(row, rank, chosen, point["scale"])
 
-    scale = best_of(grids.scales, lambda s: scorer.validation(row, rank, knobs, s))
-    for knob in row.knobs:
-        if knob not in fixed:
-            knobs[knob] = best_of(grids.values(knob), lambda v, k=knob: scorer.validation(
-                row, rank, with_knob(k, v), scale))
-    scale = best_of(grids.scales, lambda s: scorer.validation(row, rank, knobs, s))
-    return knobs, scale
+    found = coordinate_search(dimensions, loss, start={"scale": grids.scales[0], **knobs},
+                              steps=["scale", *free, "scale"], refine=False)
+    point = found.current
+    return {k: point.get(k, v) for k, v in knobs.items()}, point["scale"]
 
 
 def run_row(row: Row, rank: int | None, scorer: Scorer, grids: Grids,
             fixed: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Tune on validation, then score the test split at the chosen values only."""
-    evaluations = len(scorer.scores)
+    evaluations, started = len(scorer.scores), time.perf_counter()
     knobs, scale = tune(row, rank, scorer, grids, fixed)
     deltas, facts = scorer.merger.merge(row, rank, knobs)
     test = scorer.evaluator.accuracies(scaled(deltas, scale), "test")
@@ -283,7 +301,8 @@ def run_row(row: Row, rank: int | None, scorer: Scorer, grids: Grids,
     return {"row": row.label, "rank": rank, "scale": scale, "knobs": knobs,
             "val": scorer.validation(row, rank, knobs, scale),
             "evaluations": len(scorer.scores) - evaluations, "test_accuracy": test,
-            "normalised": norm, "mean_normalised": mean(norm), **facts}
+            "normalised": norm, "mean_normalised": mean(norm),
+            "wall_s": time.perf_counter() - started, **facts}
 
 
 def delta_norms(merger: Merger) -> list[float]:
@@ -323,9 +342,59 @@ def run_seed(world: World, seed: int, rows: Sequence[Row], cfg: QualityConfig, w
                 for beta in cfg.grids.betas:
                     run = run_row(row, cfg.beta_sweep_rank, scorer, cfg.grids, {"beta": beta})
                     sweep.append({"beta": beta, **run})
+    tuned = []
+    suite = getattr(world, "suite", None)   # the toy world has text; minilm classifies
+    if cfg.tuned and cfg.tuned_rank is not None and suite is not None:
+        tuned = run_tuned(world, suite, seed, cfg, workdir, own, log)
     return {"seed": seed, "adapter_train_s": world.train_s, "own": own, "base": base,
             "delta_norms": norms, "base_normalised": mean(normalised(base["test"], own["test"])),
-            "runs": runs, "beta_sweep": sweep}
+            "runs": runs, "beta_sweep": sweep, "tuned": tuned}
+
+
+def run_tuned(world: World, suite: toy_world.TaskSuite, seed: int, cfg: QualityConfig,
+              workdir: Path, own: Mapping[str, list[float]], log: Log) -> list[dict[str, Any]]:
+    """Each tuned row: `lorafold.tune.tune_merge` on the validation split as text (the
+    grid rows' split), then the test split scored once at its choice."""
+    assert cfg.tuned_rank is not None
+    model = world.evaluator.model
+    base_dir = toy_text.save_base(model, suite.vocab, workdir / f"text-base-{seed}")
+    sets = toy_text.task_sets(suite, "val")
+    out = []
+    try:
+        for spec in cfg.tuned:
+            request = MergeRequest(method=spec.method, rule=spec.rule, rank=cfg.tuned_rank,
+                                   seed=seed)
+            tuned = tune_merge(world.adapters, workdir / f"tuned-{seed}-{len(out)}", request,
+                               TuneRequest(params=spec.params, budget=cfg.tuned_budget),
+                               datasets=sets, base_model_dir=base_dir, device="cpu")
+            deltas = read_deltas(tuned.result.out_dir)
+            shutil.rmtree(tuned.result.out_dir)
+            tuning = tuned.tuning
+            val = normalised(world.evaluator.accuracies(deltas, "val"), own["val"])
+            test = normalised(world.evaluator.accuracies(deltas, "test"), own["test"])
+            out.append({"row": spec.label, "compare": spec.compare, "rank": cfg.tuned_rank,
+                        "chosen": tuning["chosen"], "params": tuning["params"],
+                        "candidates": tuning["candidates_evaluated"],
+                        "weight_steps": tuning["weight_steps"],
+                        "evaluations": tuning["candidates_evaluated"] + tuning["weight_steps"],
+                        "wall_s": tuning["wall_time_s"],
+                        "val_loss_untuned": tuning["untuned"]["loss"],
+                        "val_loss": tuning["written"]["loss"], "val": mean(val),
+                        "normalised": test, "mean_normalised": mean(test)})
+            log(f"    {spec.label:<18} r={cfg.tuned_rank:<4} {_chosen(tuning['chosen']):<30} "
+                f"norm acc {mean(test):.3f}  ({out[-1]['evaluations']} evals, "
+                f"{tuning['wall_time_s']:.1f}s)")
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)
+    return out
+
+
+def _chosen(chosen: Mapping[str, Any]) -> str:
+    parts = []
+    for name, value in chosen.items():
+        parts.append(f"{name}=" + ("[" + ",".join(f"{w:.2g}" for w in value) + "]"
+                                   if isinstance(value, list) else f"{value:.3g}"))
+    return " ".join(parts)
 
 
 def _sd(values: Sequence[float]) -> float:
@@ -382,6 +451,33 @@ def summarize_sweep(per_seed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             for (row, beta), runs in groups.items()]
 
 
+def summarize_tuned(per_seed: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tuned row: its test score, cost and choices, and the same for the row it is set
+    against (a grid-tuned row at the same rank, or another tuned row), over seeds."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for s in per_seed:
+        for run in s.get("tuned", []):
+            runs.setdefault(run["row"], []).append(run)
+    out = []
+    for label, entries in runs.items():
+        rank, compare = entries[0]["rank"], entries[0]["compare"]
+        values = [e["mean_normalised"] for e in entries]
+        entry: dict[str, Any] = {
+            "row": label, "rank": rank, "mean": mean(values), "sd": _sd(values),
+            "evaluations": mean([e["evaluations"] for e in entries]),
+            "wall_s": mean([e["wall_s"] for e in entries]),
+            "chosen": [e["chosen"] for e in entries], "compare": compare}
+        against = [r for s in per_seed for r in (s["runs"] + s.get("tuned", []))
+                   if r["row"] == compare and r["rank"] == rank]
+        if against:
+            other = [r["mean_normalised"] for r in against]
+            entry["against"] = {"row": compare, "mean": mean(other), "sd": _sd(other),
+                                "evaluations": mean([r["evaluations"] for r in against]),
+                                "wall_s": mean([r.get("wall_s", 0.0) for r in against])}
+        out.append(entry)
+    return out
+
+
 def build_worlds(regime: Regime, workdir: Path, bases: dict[Any, torch.nn.Module],
                  log: Log) -> Iterator[tuple[int, World]]:
     """The regime's base model (trained or loaded once per run) and one world per seed."""
@@ -423,6 +519,7 @@ def run_regime(regime: Regime, cfg: QualityConfig, rows: Sequence[Row], workdir:
         "base_normalised": mean([s["base_normalised"] for s in per_seed]),
         "norm_spread": mean([max(n) / min(n) for n in norms]),
         "summary": summarize(per_seed, rows, cfg.ranks), "beta_sweep": summarize_sweep(per_seed),
+        "tuned": summarize_tuned(per_seed),
         "per_seed": per_seed,
     }
 
@@ -539,7 +636,28 @@ def render_regime(regime: dict[str, Any], ranks: Sequence[int]) -> str:
             cells = [_cell(e) for b in betas for e in regime["beta_sweep"]
                      if e["row"] == row and e["beta"] == b]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += render_tuned(regime.get("tuned", []))
     return "\n".join(lines) + "\n"
+
+
+def render_tuned(tuned: Sequence[dict[str, Any]]) -> list[str]:
+    """Tuned rows (lorafold.tune, validation NLL) against the rows they are set against."""
+    if not tuned:
+        return []
+    lines = ["", f"Tuned merges at r = {tuned[0]['rank']} (lorafold.tune: coarse-to-fine on "
+             "the validation NLL; learned: per-input weights by gradient) against the row "
+             "named (grid rows: coordinate ascent on validation accuracy), normalised test "
+             "accuracy, evaluations and wall time per merge:", "",
+             "| row | tuned | evals | wall s | against | its score | evals | wall s | chosen |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in tuned:
+        other = e.get("against")
+        theirs = (f"{_cell(other)} | {other['evaluations']:.0f} | {other['wall_s']:.1f}"
+                  if other else "— | — | —")
+        lines.append(f"| {e['row']} | {_cell(e)} | {e['evaluations']:.0f} | "
+                     f"{e['wall_s']:.1f} | {e['compare']} | {theirs} | "
+                     f"{' / '.join(_chosen(c) for c in e['chosen'])} |")
+    return lines
 
 
 def render(result: dict[str, Any]) -> str:

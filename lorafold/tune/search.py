@@ -63,10 +63,11 @@ class Evaluation:
 
 @dataclass
 class SearchResult:
-    best: Point
+    best: Point                  # the best point scored (the earliest on ties)
     best_loss: float
     history: list[Evaluation] = field(default_factory=list)
     stopped: str = "converged"   # converged | budget | time_limit | exhausted
+    current: Point = field(default_factory=dict)   # where the coordinate path ended
 
     @property
     def evaluations(self) -> int:
@@ -145,24 +146,28 @@ def coordinate_search(dimensions: Sequence[Dimension], score: Score, *,
     by_name = {d.name: d for d in dimensions}
     scorer = _Scorer(score, budget, time_limit_s, on_evaluation)
     current: Point = dict(start)
+    path = [current]     # the point each step moved to; a spent budget leaves it there
     stopped = "converged"
     try:
         scorer(current, "start")   # the untuned point: the baseline every result is against
         for name in (steps if steps is not None else [d.name for d in dimensions]):
             current = _best_on(scorer, current, name, by_name[name].grid, f"grid:{name}")
+            path.append(current)
         if refine:
-            stopped = _refine(scorer, dimensions, current, min_improvement, max_rounds)
+            stopped = _refine(scorer, dimensions, path, min_improvement, max_rounds)
     except BudgetSpent as spent:
         stopped = spent.reason
-    if not scorer.history:  # nothing could be scored (a budget or clock of zero)
-        return SearchResult(best=dict(start), best_loss=math.inf, stopped=stopped)
+    if not scorer.history:  # nothing could be scored (a budget of zero)
+        return SearchResult(best=dict(start), best_loss=math.inf, stopped=stopped,
+                            current=path[-1])
     best = min(scorer.history, key=lambda e: (e.loss, e.index))
     return SearchResult(best=dict(best.point), best_loss=best.loss, history=scorer.history,
-                        stopped=stopped)
+                        stopped=stopped, current=dict(path[-1]))
 
 
-def _refine(scorer: _Scorer, dimensions: Sequence[Dimension], current: Point,
+def _refine(scorer: _Scorer, dimensions: Sequence[Dimension], path: list[Point],
             min_improvement: float, max_rounds: int) -> str:
+    current = path[-1]
     spacing = {d.name: d.spacing(current[d.name]) / 2 for d in dimensions}
     best_loss = scorer(current, "refine")
     for _ in range(max_rounds):
@@ -170,8 +175,8 @@ def _refine(scorer: _Scorer, dimensions: Sequence[Dimension], current: Point,
         for d in dimensions:
             value, step = current[d.name], spacing[d.name]
             values = [v for v in (value - step, value + step) if d.low <= v <= d.high]
-            moved = _best_on(scorer, current, d.name, [value, *values], f"refine:{d.name}")
-            current = moved
+            current = _best_on(scorer, current, d.name, [value, *values], f"refine:{d.name}")
+            path.append(current)
             spacing[d.name] = step / 2
         best_loss = scorer(current, "refine")
         if not before - best_loss > min_improvement * abs(before):

@@ -199,11 +199,17 @@ def test_run_end_to_end(bench: ModuleType, toy: ModuleType, tmp_path: Path) -> N
         assert entries[("ctm-ta", 4)]["subspace_energy"] >= \
             entries[("ctm-ta", 4)]["subspace_start_energy"] - 1e-9
         assert {e["beta"] for e in regime["beta_sweep"]} == set(cfg.grids.betas)
+        tuned = {e["row"]: e for e in regime["tuned"]}   # lorafold.tune rows (toy: text)
+        assert set(tuned) == {r.label for r in cfg.tuned}
+        for entry in tuned.values():
+            assert entry["rank"] == cfg.tuned_rank and 1 <= entry["evaluations"] <= \
+                cfg.tuned_budget and entry["wall_s"] > 0
+        assert tuned["tuned:ctm-ta"]["against"]["row"] == "ctm-ta"
     assert {r["row"] for r in result["overall"]["rows"]} == {
         "mtc-ta", "core-iso", "ctm-ta", "ctm-dare_ties-hosvd", "ctm-tsv"}
     text = bench.render(result)
     assert "### toy-spread" in text and "| ctm-dare_ties-hosvd |" in text and "β sweep" in text
-    assert "By adapter norm" in text
+    assert "By adapter norm" in text and "| learned:ctm-ta |" in text
     saved = tmp_path / "saved.json"
     saved.write_text(json.dumps(result))
     bench.main(["--render", str(saved), "--out-dir", str(tmp_path / "out")])
