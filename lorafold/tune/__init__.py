@@ -8,6 +8,7 @@
 - evaluation  validation NLL and token accuracy of base + candidate
 - weights     learned per-input weights by gradient descent through the coordinates
 - api         `tune_merge`: search, learn, then write the best with the merge engine
+- cli         `lorafold merge --tune-data ...` options and run
 """
 
 from lorafold.tune.options import TUNE_PARAMS, TuneRequest, check_tune_request

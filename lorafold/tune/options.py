@@ -57,10 +57,8 @@ class TuneRequest:
                 "learning_rate": self.learning_rate}
 
 
-def default_params(method: str, rule: str, *, uses_density: bool, uses_drop: bool,
-                   ) -> tuple[str, ...]:
+def default_params(method: str, *, uses_density: bool, uses_drop: bool) -> tuple[str, ...]:
     """λ, plus β for ctm and the rule's own knobs."""
-    del rule
     chosen = ["lambda"]
     if method == "ctm":
         chosen.append("beta")
@@ -75,7 +73,7 @@ def resolve_params(tune: TuneRequest, method: str, rule: str, *, uses_density: b
                    uses_drop: bool) -> tuple[str, ...]:
     """The parameters to tune, each checked against the method and rule."""
     if tune.params is None:
-        return default_params(method, rule, uses_density=uses_density, uses_drop=uses_drop)
+        return default_params(method, uses_density=uses_density, uses_drop=uses_drop)
     params = tuple(dict.fromkeys(tune.params))
     if not params:
         raise InvalidRequest("tune params is empty; name at least one of "
