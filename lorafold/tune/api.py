@@ -231,6 +231,7 @@ def _search(model: nn.Module, sets: ValidationSets, space: CandidateSpace,
         scale = searched.best.get("lambda", plan.request.scale)
         beta = searched.best.get("beta", plan.request.ctm_beta)
         views = space.linear_views(beta, plan.weights)
+        space.release()  # from here: base model + one adapter's factors + activations
         steps = max(0, budget - len(curve))
         learned = learn_weights(model, sets, views, start=plan.weights, scale=scale,
                                 steps=steps, learning_rate=tune.learning_rate,

@@ -146,6 +146,16 @@ class CandidateSpace:
             flat_spectrum=flat, beta=beta, subspace=self.plan.request.ctm_subspace))
         return out.b, out.a
 
+    def release(self) -> None:
+        """Drop the inputs' factors, core spaces and cached merges, keeping nothing but what
+        `linear_views` already returned: learned weights then hold one adapter's worth."""
+        for module in self._modules:
+            module.factors.clear()
+            module.space = None
+            module.subspaces.clear()
+            module.core_bases = None
+        self._merged.clear()
+
     def merged(self, point: Mapping[str, float],
                weights: Sequence[float] | None = None) -> dict[str, Factors]:
         """Every module's merged (B, A) at `point` (lambda, beta, density, drop; missing
