@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(
         default=None, description="S3 endpoint clients reach, for presigned download URLs "
                                   "(default: s3_endpoint_url)")
-    presign_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    presign_expires_s: int = Field(default=300, ge=1, le=7 * 24 * 3600,
+                                   description="life of a presigned download URL: it keeps "
+                                               "working this long, even after a delete")
 
     # -- uploads ------------------------------------------------------------------------
     max_upload_bytes: int = Field(default=2 * GIB, ge=1024)
@@ -112,6 +114,24 @@ class Settings(BaseSettings):
     allow_model_download: bool = Field(default=False,
                                        description="download a base model found nowhere "
                                                    "locally (off: jobs never fetch models)")
+
+    # -- quotas per tenant and bounds on work (0: no quota) -------------------------------
+    tenant_max_stored_bytes: int = Field(default=100 * GIB, ge=0,
+                                         description="bytes of adapters and data sets one "
+                                                     "tenant may store (413 past it)")
+    tenant_max_active_jobs: int = Field(default=16, ge=0,
+                                        description="queued + running jobs per tenant (429 "
+                                                    "past it)")
+    max_dataset_examples: int = Field(default=100_000, ge=1,
+                                      description="examples in one data set (422 past it)")
+    max_rank: int = Field(default=1024, ge=1,
+                          description="largest output rank a merge, plan or negate may ask")
+    max_unlearn_steps: int = Field(default=10_000, ge=1,
+                                   description="largest max_steps (and relearn_probe_steps) "
+                                               "of a data-driven unlearning job")
+    storage_sweep_grace_s: int = Field(default=24 * 3600, ge=60,
+                                       description="age past which a storage sweep collects "
+                                                   "unfinished uploads and stale references")
 
     # -- jobs ---------------------------------------------------------------------------
     queue_prefix: str = Field(default="lorafold", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
