@@ -112,7 +112,7 @@ def test_a_queued_jobs_input_is_not_collected(client: tuple[TestClient, ServiceC
 @pytest.mark.parametrize("limits", [{"tenant_max_active_jobs": 2}])
 def test_the_live_job_quota_answers_429(client: tuple[TestClient, ServiceContext],
                                        tmp_path: Path) -> None:
-    api, ctx = client
+    api, _ = client
     ids = [upload(api, write_random_adapter(tmp_path / f"a{i}", SHAPES, rank=2, seed=i),
                   f"a{i}")["id"] for i in range(2)]
     body = {"adapters": [{"id": i} for i in ids], "rank": 2}
