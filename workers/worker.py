@@ -8,8 +8,8 @@ Abandoned jobs. While a horse runs, the parent renews the job's entry in RQ's
 StartedJobRegistry every `job_monitoring_interval_s`. RQ sets that entry to expire
 `interval + 60 s` after each renewal; `LorafoldWorker` makes the 60 s our
 `abandoned_after_s`. If the whole worker dies (SIGKILL, lost machine) the entry expires,
-and the next registry maintenance of any worker on the queue (`maintenance_interval_s`)
-finds the job abandoned, calls our failure callback and re-queues it under its `Retry`;
+and the next registry maintenance of any worker on the queue (every
+`maintenance_interval_s`, idle or not: see `LorafoldWorker`) finds the job abandoned, calls our failure callback and re-queues it under its `Retry`;
 another worker then runs it again (a new attempt of the same job id). If only the horse
 dies, the parent sees it at once and re-queues the job the same way.
 """
@@ -38,9 +38,21 @@ logger = logging.getLogger(__name__)
 
 
 class LorafoldWorker(Worker):
-    """RQ's forking worker with the abandoned-job deadline taken from our settings."""
+    """RQ's forking worker with the abandoned-job deadline taken from our settings, and an
+    idle wait bounded by the maintenance interval.
+
+    RQ runs its maintenance (the registry cleanup that re-queues abandoned jobs) only
+    between two dequeue attempts, and an idle worker blocks in BLPOP for `worker_ttl - 15`
+    seconds (105 s with our 120 s TTL) before it tries again; so an idle worker retried an
+    abandoned job up to ~105 s late whatever `maintenance_interval_s` said. Waiting at most
+    the maintenance interval per BLPOP makes the interval the bound.
+    """
 
     abandoned_after_s: int = 60
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return max(1, min(self.worker_ttl - 15, int(self.maintenance_interval)))
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         interval = int(self.job_monitoring_interval)
