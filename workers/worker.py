@@ -9,9 +9,10 @@ StartedJobRegistry every `job_monitoring_interval_s`. RQ sets that entry to expi
 `interval + 60 s` after each renewal; `LorafoldWorker` makes the 60 s our
 `abandoned_after_s`. If the whole worker dies (SIGKILL, lost machine) the entry expires,
 and the next registry maintenance of any worker on the queue (every
-`maintenance_interval_s`, idle or not: see `LorafoldWorker`) finds the job abandoned, calls our failure callback and re-queues it under its `Retry`;
-another worker then runs it again (a new attempt of the same job id). If only the horse
-dies, the parent sees it at once and re-queues the job the same way.
+`maintenance_interval_s`, idle or not: see `LorafoldWorker`) finds the job abandoned,
+calls our failure callback and re-queues it under its `Retry`; another worker then runs
+it again (a new attempt of the same job id). If only the horse dies, the parent sees it
+at once and re-queues the job the same way.
 """
 
 from __future__ import annotations
