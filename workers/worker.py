@@ -31,6 +31,7 @@ from rq.serializers import JSONSerializer
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import configure_worker_logging
 from lorafold.service.queues import job_types, make_queue
+from lorafold.service.storage_sweep import sweep_storage
 from lorafold.service.workdirs import sweep_work_dirs
 from lorafold.settings import Settings
 from workers import tasks
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"{args.name}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}"
     ctx = ServiceContext(settings)
     sweep_work_dirs(ctx.spool_dir)  # what attempts killed with a previous worker left
+    sweep_storage(ctx)  # what publishes that crashed left in storage
     ctx.prepare_for_fork()  # the parent never touches storage; its horses do
     tasks.configure(ctx, runner=f"worker {name} (pid {os.getpid()})")
     worker = build_worker(ctx, name)
