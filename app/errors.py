@@ -32,6 +32,7 @@ from lorafold.errors import (
     NotFound,
     NumericalError,
     PayloadTooLarge,
+    QuotaExceeded,
     StorageError,
 )
 from lorafold.service.auth import Unauthenticated
@@ -53,6 +54,7 @@ STATUS_BY_ERROR: Sequence[tuple[type[LorafoldError], int]] = (
     (InvalidRequest, 422),
     (InvalidDataset, 422),
     (NumericalError, 422),
+    (QuotaExceeded, 429),
     (StorageError, 503),
 )
 CODE_BY_STATUS: Mapping[int, str] = {

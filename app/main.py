@@ -109,6 +109,7 @@ def _problem_openapi(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings | None = None, *,
                context: ServiceContext | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
+    settings.require_api_keys()  # only the API authenticates: workers start without keys
     configure_logging(settings)
     if context is None:
         validator: Validator = (ProcessValidator(settings.validation_processes)

@@ -90,6 +90,13 @@ class PayloadTooLarge(LorafoldError):
     code = "payload_too_large"
 
 
+class QuotaExceeded(LorafoldError):
+    """A tenant's limit on concurrent work is reached (HTTP 429): retry once jobs finish."""
+
+    code = "quota_exceeded"
+    retryable = True
+
+
 class StorageError(LorafoldError):
     code = "storage_error"
     retryable = True

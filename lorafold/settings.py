@@ -6,6 +6,11 @@ that would be unsafe or would make the job machinery misbehave (a job declared a
 while its worker is still heartbeating, short API keys in production, a world-readable
 key file), so a bad deployment fails at start, not at 3 a.m.
 
+Secrets (API keys, the S3 secret key, the webhook secret) are `SecretStr`: they never
+appear in a repr, a log line or a traceback, and are unwrapped only where they are used.
+Only the API authenticates, so only the API needs keys: `require_api_keys()` is its
+start-up check (at least one key in production); workers start without them.
+
 `ClientSettings` is the client side (`lorafold client`, `lorafold.client`): the URL and the
 API key, from `LORAFOLD_URL` / `LORAFOLD_API_KEY`; with no URL given, that of a `lorafold up`
 running in this directory (its `.lorafold/stack.json`), else `http://127.0.0.1:8000`.
@@ -68,8 +73,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # -- auth: Bearer API key -> tenant -----------------------------------------------
-    api_keys: dict[str, str] = Field(default_factory=dict, repr=False,  # never in logs
-                                     description="JSON object {api_key: tenant}")
+    api_keys: dict[SecretStr, str] = Field(default_factory=dict, repr=False,
+                                           description="JSON object {api_key: tenant} "
+                                                       "(the API's only)")
     api_keys_file: Path | None = Field(default=None,
                                        description="JSON file {api_key: tenant}, mode 600")
 
@@ -85,7 +91,9 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(
         default=None, description="S3 endpoint clients reach, for presigned download URLs "
                                   "(default: s3_endpoint_url)")
-    presign_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    presign_expires_s: int = Field(default=300, ge=1, le=7 * 24 * 3600,
+                                   description="life of a presigned download URL: it keeps "
+                                               "working this long, even after a delete")
 
     # -- uploads ------------------------------------------------------------------------
     max_upload_bytes: int = Field(default=2 * GIB, ge=1024)
@@ -121,6 +129,24 @@ class Settings(BaseSettings):
                                           "merge's budget}, overriding max_tune_budget")
     max_tune_time_s: float = Field(default=1800.0, gt=0,
                                    description="longest search a tuned merge may ask for")
+
+    # -- quotas per tenant and bounds on work (0: no quota) -------------------------------
+    tenant_max_stored_bytes: int = Field(default=100 * GIB, ge=0,
+                                         description="bytes of adapters and data sets one "
+                                                     "tenant may store (413 past it)")
+    tenant_max_active_jobs: int = Field(default=16, ge=0,
+                                        description="queued + running jobs per tenant (429 "
+                                                    "past it)")
+    max_dataset_examples: int = Field(default=100_000, ge=1,
+                                      description="examples in one data set (422 past it)")
+    max_rank: int = Field(default=1024, ge=1,
+                          description="largest output rank a merge, plan or negate may ask")
+    max_unlearn_steps: int = Field(default=10_000, ge=1,
+                                   description="largest max_steps (and relearn_probe_steps) "
+                                               "of a data-driven unlearning job")
+    storage_sweep_grace_s: int = Field(default=24 * 3600, ge=60,
+                                       description="age past which a storage sweep collects "
+                                                   "unfinished uploads and stale references")
 
     # -- jobs ---------------------------------------------------------------------------
     queue_prefix: str = Field(default="lorafold", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -194,7 +220,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        keys = dict(self.api_keys)
+        keys = {key.get_secret_value(): tenant for key, tenant in self.api_keys.items()}
         if self.api_keys_file is not None:
             keys.update(_read_keys_file(self.api_keys_file))
         production = self.environment == "production"
@@ -209,9 +235,6 @@ class Settings(BaseSettings):
                                or key.lower() in PLACEHOLDER_KEYS):
                 raise ValueError(f"in production every API key needs at least "
                                  f"{MIN_PRODUCTION_KEY_LENGTH} random characters")
-        if production and not keys:
-            raise ValueError("in production at least one API key must be configured "
-                             "(LORAFOLD_API_KEYS or LORAFOLD_API_KEYS_FILE)")
         if self.uses_s3 and production and self.s3_endpoint_url and (
                 self.s3_secret_key is None
                 or self.s3_secret_key.get_secret_value() in PLACEHOLDER_SECRETS):
@@ -231,6 +254,13 @@ class Settings(BaseSettings):
         return cls(**values)
 
     # -- derived values -----------------------------------------------------------------
+
+    def require_api_keys(self) -> None:
+        """The API's start-up check: in production it must have at least one key (workers
+        and other processes that authenticate nothing do not)."""
+        if self.environment == "production" and not self._key_tenants:
+            raise ValueError("in production the API needs at least one API key "
+                             "(LORAFOLD_API_KEYS or LORAFOLD_API_KEYS_FILE)")
 
     def tenant_for_digest(self, digest: str) -> str | None:
         return self._key_tenants.get(digest)

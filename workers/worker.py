@@ -8,10 +8,11 @@ Abandoned jobs. While a horse runs, the parent renews the job's entry in RQ's
 StartedJobRegistry every `job_monitoring_interval_s`. RQ sets that entry to expire
 `interval + 60 s` after each renewal; `LorafoldWorker` makes the 60 s our
 `abandoned_after_s`. If the whole worker dies (SIGKILL, lost machine) the entry expires,
-and the next registry maintenance of any worker on the queue (`maintenance_interval_s`)
-finds the job abandoned, calls our failure callback and re-queues it under its `Retry`;
-another worker then runs it again (a new attempt of the same job id). If only the horse
-dies, the parent sees it at once and re-queues the job the same way.
+and the next registry maintenance of any worker on the queue (every
+`maintenance_interval_s`, idle or not: see `LorafoldWorker`) finds the job abandoned,
+calls our failure callback and re-queues it under its `Retry`; another worker then runs
+it again (a new attempt of the same job id). If only the horse dies, the parent sees it
+at once and re-queues the job the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rq.serializers import JSONSerializer
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import configure_worker_logging
 from lorafold.service.queues import job_types, make_queue
+from lorafold.service.storage_sweep import sweep_storage
 from lorafold.service.workdirs import sweep_work_dirs
 from lorafold.settings import Settings
 from workers import tasks
@@ -38,9 +40,21 @@ logger = logging.getLogger(__name__)
 
 
 class LorafoldWorker(Worker):
-    """RQ's forking worker with the abandoned-job deadline taken from our settings."""
+    """RQ's forking worker with the abandoned-job deadline taken from our settings, and an
+    idle wait bounded by the maintenance interval.
+
+    RQ runs its maintenance (the registry cleanup that re-queues abandoned jobs) only
+    between two dequeue attempts, and an idle worker blocks in BLPOP for `worker_ttl - 15`
+    seconds (105 s with our 120 s TTL) before it tries again; so an idle worker retried an
+    abandoned job up to ~105 s late whatever `maintenance_interval_s` said. Waiting at most
+    the maintenance interval per BLPOP makes the interval the bound.
+    """
 
     abandoned_after_s: int = 60
+
+    @property
+    def dequeue_timeout(self) -> int:
+        return max(1, min(self.worker_ttl - 15, int(self.maintenance_interval)))
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         interval = int(self.job_monitoring_interval)
@@ -84,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"{args.name}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}"
     ctx = ServiceContext(settings)
     sweep_work_dirs(ctx.spool_dir)  # what attempts killed with a previous worker left
+    sweep_storage(ctx)  # what publishes that crashed left in storage
     ctx.prepare_for_fork()  # the parent never touches storage; its horses do
     tasks.configure(ctx, runner=f"worker {name} (pid {os.getpid()})")
     worker = build_worker(ctx, name)

@@ -94,9 +94,9 @@ def get_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> AdapterP
 
 
 @router.delete("/{adapter_id}", status_code=204, summary="Delete an adapter",
-               responses=problem_responses(401, 404, 503))
+               responses=problem_responses(401, 404, 409, 503))
 def delete_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
-    service.delete_adapter(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id)
+    service.delete_adapter(ctx=ctx, tenant=tenant, adapter_id=adapter_id)
     return Response(status_code=204)
 
 

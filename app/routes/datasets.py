@@ -67,7 +67,7 @@ def get_dataset(dataset_id: str, ctx: ContextDep, tenant: TenantDep) -> DatasetP
 
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a data set",
-               responses=problem_responses(401, 404, 503))
+               responses=problem_responses(401, 404, 409, 503))
 def delete_dataset(dataset_id: str, ctx: ContextDep, tenant: TenantDep) -> Response:
     service.delete_dataset(ctx=ctx, tenant=tenant, dataset_id=dataset_id)
     return Response(status_code=204)

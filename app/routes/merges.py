@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Merge adapters",
-             responses=problem_responses(401, 404, 409, 422, 503))
+             responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 def submit_merge(body: MergeCreate, request: Request, response: Response, ctx: ContextDep,
                  tenant: TenantDep, idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
     """Checks the request and the inputs (same tenant, same base model unless `force`) before

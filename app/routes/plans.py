@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
 @router.post("", status_code=202, response_model=JobPublic,
              summary="Plan which adapters to merge together",
-             responses=problem_responses(401, 404, 409, 422, 503))
+             responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 def submit_plan(body: PlanCreate, request: Request, response: Response, ctx: ContextDep,
                 tenant: TenantDep, idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
     """Checks the options and the inputs before queuing; the job's result is the plan

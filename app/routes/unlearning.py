@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/unlearning", tags=["unlearning"])
 
 
 @router.post("", status_code=202, response_model=JobPublic, summary="Unlearn",
-             responses=problem_responses(401, 404, 409, 422, 503))
+             responses=problem_responses(401, 404, 409, 413, 422, 429, 503))
 def submit_unlearning(body: UnlearningCreate, request: Request, response: Response,
                       ctx: ContextDep, tenant: TenantDep,
                       idempotency_key: IdempotencyKeyDep = None) -> JobPublic:

@@ -3,7 +3,10 @@
 `lorafold up` starts, as its own children: a Redis server (AOF on, noeviction), SeaweedFS
 as an S3 server when `--s3` is given (else filesystem storage), the API (uvicorn in a
 child process) and the workers; it prints the URL and the API key and stops every child
-it started, by PID, on Ctrl-C or SIGTERM.
+it started, by PID, on Ctrl-C or SIGTERM. It supervises them: a child that dies is
+restarted (Redis on the same port and AOF, SeaweedFS on the same S3 port and data, the
+API on the same port; workers by their pool), with a growing backoff and a bound on
+restarts (`lorafold.servers.supervisor`), and says so on the console.
 
 One stack per data dir: `up` holds an exclusive lock on `<data-dir>/up.lock` while it runs,
 so a second `up` there refuses (naming the first one's PID and URL) instead of starting a
@@ -13,7 +16,8 @@ directory finds it there, which matters when port 8000 is taken and `up` serves 
 
 Auth: on first start it creates a random API key for tenant `default` and stores it in
 `<data-dir>/api_keys.json` (mode 600); later starts reuse it. Add keys (and tenants) to
-that file. The S3 credentials of `--s3` are kept beside it the same way.
+that file; only the API is given it (workers authenticate nothing). The S3 credentials
+of `--s3` are kept beside it the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ from typing import Any
 
 from lorafold.errors import LorafoldError
 from lorafold.servers.process import ManagedProcess, free_port, port_is_free, wait_for_port
-from lorafold.servers.redis import start_redis
+from lorafold.servers.redis import RedisServer, start_redis
+from lorafold.servers.supervisor import ProcessServer, Supervisor
 from lorafold.settings import LOCAL_DATA_DIR, STACK_FILE, Settings, local_stack_url
 from workers.launcher import WorkerPool, plan_workers, run_pool
 
@@ -175,42 +180,45 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def _run_stack(args: argparse.Namespace, data_dir: Path, port: int,
                stopping: list[bool]) -> None:
     logs = data_dir / "logs"
     keys_file, api_key = ensure_api_key(data_dir)
-    env: dict[str, str] = {"LORAFOLD_API_KEYS_FILE": str(keys_file),
-                           "LORAFOLD_SPOOL_DIR": str(data_dir / "spool"),
+    env: dict[str, str] = {"LORAFOLD_SPOOL_DIR": str(data_dir / "spool"),
                            "LORAFOLD_WORKERS": str(args.workers)}
-    stack: list[Any] = []  # things with .stop(), in start order
+    api_env = {**env, "LORAFOLD_API_KEYS_FILE": str(keys_file)}  # the API's alone
+    supervisor = Supervisor(say=_say)
+    pool: WorkerPool | None = None
     try:
         redis = start_redis(data_dir / "redis", log_path=logs / "redis.log")
-        stack.append(redis)
+        supervisor.add("redis", redis, lambda: _restart_redis(redis, logs))
         env["LORAFOLD_REDIS_URL"] = redis.url
         if args.s3:
             from lorafold.servers.seaweedfs import start_seaweedfs
 
             access, secret = ensure_s3_credentials(data_dir)
-            s3 = start_seaweedfs(data_dir / "s3", access_key=access, secret_key=secret,
-                                 log_dir=logs / "seaweedfs")
-            stack.append(s3)
+
+            def start_s3(s3_port: int | None = None) -> Any:
+                return start_seaweedfs(data_dir / "s3", s3_port=s3_port, access_key=access,
+                                       secret_key=secret, log_dir=logs / "seaweedfs")
+
+            s3 = start_s3()
+            supervisor.add("SeaweedFS", s3, lambda: start_s3(s3.ports["s3"]))
             env.update({"LORAFOLD_STORAGE_URL": f"s3://{S3_BUCKET}",
                         "LORAFOLD_S3_ENDPOINT_URL": s3.endpoint_url,
                         "LORAFOLD_S3_REGION": s3.region, "LORAFOLD_S3_ACCESS_KEY": access,
                         "LORAFOLD_S3_SECRET_KEY": secret})
         else:
             env["LORAFOLD_STORAGE_URL"] = str(data_dir / "storage")
-        settings = Settings.from_env_overrides(env)  # what the children will see
-        api = ManagedProcess(name="api", argv=api_argv(args.host, port), env=env,
-                             log_path=logs / "api.log").start()
-        stack.append(api)
-        try:
-            wait_for_port(port, host=args.host, timeout=120, process=api.process)
-        except (RuntimeError, TimeoutError) as e:
-            raise LorafoldError(f"the API did not start on port {port}: {e}; see "
-                                f"{logs / 'api.log'}", code="api_start_failed") from e
+        api_env.update(env)
+        settings = Settings.from_env_overrides(env)  # what the workers will see
+        api = _start_api(args.host, port, api_env, logs)
+        supervisor.add("API", api, lambda: _start_api(args.host, port, api_env, logs))
         pool = WorkerPool(plan_workers(settings), env=env, log_dir=logs).start()
-        stack.append(pool)
         url = f"http://{args.host}:{port}"
         write_stack_record(data_dir, url)
         print(f"lorafold is up at {url}  (docs: {url}/docs)")
@@ -221,16 +229,32 @@ def _run_stack(args: argparse.Namespace, data_dir: Path, port: int,
         print("Ctrl-C stops everything.", flush=True)
         while not stopping[0]:
             time.sleep(0.5)
-            if not api.alive():
-                raise LorafoldError("the API process exited; see logs/api.log",
-                                    code="api_exited")
+            supervisor.check()
             pool.check()
     finally:
         (data_dir / STACK_FILE).unlink(missing_ok=True)
-        for item in reversed(stack):
+        if pool is not None:
             with contextlib.suppress(Exception):
-                item.stop()
+                pool.stop()
+        supervisor.stop()
         print("stopped.", flush=True)
+
+
+def _restart_redis(previous: RedisServer, logs: Path) -> RedisServer:
+    """Redis again on its port (every client has that URL), replaying its AOF."""
+    return start_redis(previous.data_dir, port=previous.port, log_path=logs / "redis.log")
+
+
+def _start_api(host: str, port: int, env: dict[str, str], logs: Path) -> ProcessServer:
+    api = ManagedProcess(name="api", argv=api_argv(host, port), env=env,
+                         log_path=logs / "api.log").start()
+    try:
+        wait_for_port(port, host=host, timeout=120, process=api.process)
+    except (RuntimeError, TimeoutError) as e:
+        api.stop()
+        raise LorafoldError(f"the API did not start on port {port}: {e}; see "
+                            f"{logs / 'api.log'}", code="api_start_failed") from e
+    return ProcessServer(api)
 
 
 def run_worker(args: argparse.Namespace) -> int:

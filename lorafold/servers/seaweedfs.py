@@ -200,7 +200,11 @@ def _grpc_pair_free(port: int, taken: set[int]) -> bool:
 
 
 def _bindable(port: int) -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR, as weed (Go) sets it:
+    the connections of a server that just died linger in TIME_WAIT for a minute, and must
+    not keep its restart off its own port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -207,8 +207,15 @@ def get_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> dict[st
     return view
 
 
-def delete_adapter(*, store: AdapterStore, tenant: str, adapter_id: str) -> None:
-    store.delete(tenant, adapter_id)
+def delete_adapter(*, ctx: ServiceContext, tenant: str, adapter_id: str) -> None:
+    """Delete the adapter and every blob of it no other adapter or data set names (409
+    `adapter_in_use` while a queued or running job reads it)."""
+    from lorafold.service.job_inputs import check_not_in_use, holding_items
+
+    with holding_items(ctx, tenant, [("adapters", adapter_id)]):
+        ctx.adapters.get_manifest(tenant, adapter_id)  # 404 before 409
+        check_not_in_use(ctx, tenant, "adapters", adapter_id)
+        ctx.adapters.delete(tenant, adapter_id)
 
 
 @dataclass(frozen=True)

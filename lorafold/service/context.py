@@ -16,11 +16,13 @@ from pathlib import Path
 from redis import BlockingConnectionPool, Redis
 
 from lorafold.jobs import IdempotencyStore, JobStore
+from lorafold.service.quotas import ActiveJobs
 from lorafold.service.validation import InProcessValidator, Validator
 from lorafold.settings import Settings
 from lorafold.storage import Storage, resolve_storage
 from lorafold.storage.adapters import AdapterStore
 from lorafold.storage.datasets import DatasetStore
+from lorafold.storage.locks import Locks, RedisLocks
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
@@ -45,6 +47,9 @@ class ServiceContext:
         self.redis = redis if redis is not None else connect_redis(settings)
         self.jobs = JobStore(self.redis, retention_s=settings.job_retention_s)
         self.idempotency = IdempotencyStore(self.redis, ttl_s=settings.idempotency_ttl_s)
+        self.active_jobs = ActiveJobs(self.redis)
+        # One lock per blob digest and per stored item, shared by the API and the workers.
+        self.locks: Locks = RedisLocks(self.redis)
         self._storage = storage
         # The process the storage client belongs to; None: built unused for forking.
         self._storage_pid: int | None = os.getpid()
@@ -68,11 +73,11 @@ class ServiceContext:
 
     @property
     def adapters(self) -> AdapterStore:
-        return AdapterStore(self.storage)
+        return AdapterStore(self.storage, self.locks)
 
     @property
     def datasets(self) -> DatasetStore:
-        return DatasetStore(self.storage)
+        return DatasetStore(self.storage, self.locks)
 
     @cached_property
     def presign_storage(self) -> Storage:

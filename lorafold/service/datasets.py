@@ -17,6 +17,8 @@ from lorafold.jobs import body_hash
 from lorafold.service.adapters import check_name
 from lorafold.service.context import ServiceContext
 from lorafold.service.idempotency import idempotent
+from lorafold.service.job_inputs import check_not_in_use, holding_items
+from lorafold.service.quotas import check_examples, check_storage_quota, tenant_stored_bytes
 from lorafold.unlearn.datasets import TextDataset, parse_jsonl
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ def create_dataset(*, ctx: ServiceContext, tenant: str, path: Path, sha256: str,
             except DatasetNotFound:
                 return claim.replay
         dataset = _parse_file(path, name=name, max_bytes=ctx.settings.max_dataset_bytes)
+        check_examples(ctx.settings, len(dataset))
+        check_storage_quota(ctx.settings, tenant=tenant, used=tenant_stored_bytes(ctx, tenant),
+                            adding=path.stat().st_size)
         dataset_id = new_dataset_id()
         record = dataset_record(dataset, name=name, size=path.stat().st_size, sha256=sha256)
         view = dataset_view(store.publish(tenant=tenant, dataset_id=dataset_id, path=path,
@@ -81,7 +86,12 @@ def get_dataset(*, ctx: ServiceContext, tenant: str, dataset_id: str) -> dict[st
 
 
 def delete_dataset(*, ctx: ServiceContext, tenant: str, dataset_id: str) -> None:
-    ctx.datasets.delete(tenant, dataset_id)
+    """A hard delete: the manifest, then the file's blob unless another manifest names the
+    same bytes (409 `dataset_in_use` while a queued or running job reads it)."""
+    with holding_items(ctx, tenant, [("datasets", dataset_id)]):
+        ctx.datasets.get_manifest(tenant, dataset_id)  # 404 before 409
+        check_not_in_use(ctx, tenant, "datasets", dataset_id)
+        ctx.datasets.delete(tenant, dataset_id)
 
 
 def load_dataset(*, ctx: ServiceContext, tenant: str, dataset_id: str, work: Path,

@@ -45,6 +45,7 @@ from lorafold.service.adapters import (
 )
 from lorafold.service.context import ServiceContext
 from lorafold.service.idempotency import idempotent
+from lorafold.service.quotas import check_storage_quota, tenant_stored_bytes
 from lorafold.service.validation import Inspection
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,12 @@ def _validate(ctx: ServiceContext, spool: UploadSpool,
         return inspection, archive.result()
 
 
+def _stored_size(directory: Path, archive: Path | None) -> int:
+    """What publishing the adapter adds to the tenant's stored bytes: files and archive."""
+    files = sum(path.stat().st_size for path in adapter_files(directory).values())
+    return files + (archive.stat().st_size if archive is not None else files)
+
+
 def create_adapter(*, ctx: ServiceContext, tenant: str, spool: UploadSpool,
                    idempotency_key: str | None = None) -> dict[str, Any]:
     """Validate the spooled upload and publish it; returns the adapter's public view."""
@@ -262,6 +269,8 @@ def create_adapter(*, ctx: ServiceContext, tenant: str, spool: UploadSpool,
         started = time.perf_counter()
         inspection, archive = _validate(ctx, spool, form)
         validated = time.perf_counter()
+        check_storage_quota(ctx.settings, tenant=tenant, used=tenant_stored_bytes(ctx, tenant),
+                            adding=_stored_size(inspection.directory, archive))
         record = adapter_record(inspection.summary, name=form.name, source="upload",
                                 metadata=form.metadata)
         view = publish_adapter(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id,

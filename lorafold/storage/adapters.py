@@ -6,9 +6,9 @@ last and atomically, so a crash mid-publish leaves at most unreferenced blobs or
 `tmp/` object, never a listed half-adapter; publishing the same id again (a retried job)
 overwrites the manifest instead of duplicating the adapter.
 
-Deleting an adapter deletes its manifest only: blobs may be shared by other adapters.
-Reclaiming unreferenced blobs and stale `tmp/` objects is a garbage collector's job
-(future work).
+Deleting an adapter deletes its manifest, then every blob it named that no other
+manifest (of any tenant) names any more (`references`); a republish releases the blobs
+the old manifest named and the new one does not.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from lorafold.errors import AdapterNotFound, InvalidRequest, StorageError
 from lorafold.storage import layout
 from lorafold.storage.base import ByteStream, Storage
 from lorafold.storage.blobs import BlobStore
+from lorafold.storage.locks import Locks
 from lorafold.storage.manifests import Manifests
+from lorafold.storage.references import Owner, manifest_digests
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +35,9 @@ ARCHIVE_FORMATS = {".zip": "zip", ".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar":
 class AdapterStore:
     """Publish, list, read and delete tenant-scoped adapters on any `Storage`."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, locks: Locks | None = None) -> None:
         self.storage = storage
-        self.blobs = BlobStore(storage)
+        self.blobs = BlobStore(storage, locks)
         self.manifests = Manifests(storage, "adapters", AdapterNotFound,
                                    required=frozenset({"files", "archive"}))
 
@@ -55,11 +57,24 @@ class AdapterStore:
             json.dumps(dict(record))
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"adapter {adapter_id!r}: record is not JSON: {e}") from e
-        refs = {name: self.blobs.put_file(path).to_dict() for name, path in files.items()}
-        archive_ref = self.blobs.put_file(Path(archive))
-        manifest = self.manifests.write(tenant, adapter_id, {  # last: now it is visible
-            "files": refs, "archive": {**archive_ref.to_dict(), "format": fmt},
-            "record": dict(record)})
+        owner = Owner("adapters", tenant, adapter_id)
+        previous = self.manifests.find(tenant, adapter_id)  # a retried job republishes
+        kept = manifest_digests(previous) if previous is not None else set()
+        placed: set[str] = set()
+        try:
+            refs = {}
+            for name, path in files.items():
+                refs[name] = self.blobs.put_file(path, owner).to_dict()
+                placed.add(refs[name]["sha256"])
+            archive_ref = self.blobs.put_file(Path(archive), owner)
+            placed.add(archive_ref.sha256)
+            manifest = self.manifests.write(tenant, adapter_id, {  # last: now it is visible
+                "files": refs, "archive": {**archive_ref.to_dict(), "format": fmt},
+                "record": dict(record)})
+        except BaseException:
+            self.blobs.references.release_quietly(owner, placed - kept)
+            raise
+        self.blobs.references.release(owner, kept - manifest_digests(manifest))
         logger.info("published adapter %s for tenant %s (%d files)", adapter_id, tenant,
                     len(refs))
         return manifest
@@ -72,9 +87,17 @@ class AdapterStore:
         """All of a tenant's adapters, newest first."""
         return self.manifests.list(tenant)
 
-    def delete(self, tenant: str, adapter_id: str) -> None:
-        """Delete the manifest (AdapterNotFound if none); the blobs stay (may be shared)."""
-        self.manifests.delete(tenant, adapter_id)
+    def delete(self, tenant: str, adapter_id: str) -> list[str]:
+        """Delete the manifest (AdapterNotFound if none), then the blobs nobody else names;
+        returns their digests."""
+        manifest = self.manifests.delete(tenant, adapter_id)
+        return self.blobs.references.release(Owner("adapters", tenant, adapter_id),
+                                             manifest_digests(manifest))
+
+    def stored_bytes(self, tenant: str) -> int:
+        """What the tenant's adapters take (files and archive; a shared blob counts for
+        each adapter naming it: what the tenant would store alone)."""
+        return sum(_manifest_bytes(m) for m in self.list_manifests(tenant))
 
     def fetch_files(self, tenant: str, adapter_id: str, dest_dir: Path) -> Path:
         """Stream the adapter's files into `dest_dir`, checking size and sha256."""
@@ -100,6 +123,12 @@ class AdapterStore:
         archive = manifest["archive"]
         return self.storage.presigned_url(layout.blob_key(archive["sha256"]), expires_s,
                                           filename=f"{adapter_id}.{archive['format']}")
+
+
+def _manifest_bytes(manifest: Mapping[str, Any]) -> int:
+    refs = [*dict(manifest.get("files") or {}).values(), manifest.get("archive"),
+            manifest.get("file")]
+    return sum(int(ref.get("size", 0)) for ref in refs if isinstance(ref, Mapping))
 
 
 def _archive_format(path: Path) -> str:

@@ -2,7 +2,9 @@
 
 The sha256 is computed while the bytes stream in (to a `tmp/` key), then the object is
 moved under `blobs/sha256/<hex>`; an identical blob already there is reused. Adapters and
-data sets both keep their bytes this way and name them from their manifests.
+data sets both keep their bytes this way and name them from their manifests; the owner a
+blob is put for gets a reference marker (see `references`), so the blob goes when the
+last manifest naming it does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from lorafold.errors import NotFound, StorageError
 from lorafold.storage import layout
 from lorafold.storage.base import DEFAULT_CHUNK_SIZE, ByteStream, HashingCounter, Storage
+from lorafold.storage.locks import Locks
+from lorafold.storage.references import BlobReferences, Owner
 
 
 @dataclass(frozen=True)
@@ -34,27 +38,25 @@ class BlobRef:
 class BlobStore:
     """Put, open and download blobs on any `Storage`."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, locks: Locks | None = None) -> None:
         self.storage = storage
+        self.references = BlobReferences(storage, locks)
 
-    def put_stream(self, chunks: Iterable[bytes]) -> BlobRef:
-        """Store bytes under their sha256; an identical existing blob is reused."""
+    def put_stream(self, chunks: Iterable[bytes], owner: Owner | None = None) -> BlobRef:
+        """Store bytes under their sha256 (an identical existing blob is reused), referenced
+        by `owner` (the manifest about to name it)."""
         tmp = layout.tmp_key()
         written = self.storage.put_stream(tmp, chunks)  # cleans up after itself on error
         try:
-            key = layout.blob_key(written.sha256)
-            if self.storage.exists(key):
-                self.storage.delete(tmp)
-            else:
-                self.storage.move(tmp, key)
+            self.references.place(tmp, written, owner)
         except BaseException:
             with contextlib.suppress(StorageError):
                 self.storage.delete(tmp)
             raise
         return BlobRef(sha256=written.sha256, size=written.size)
 
-    def put_file(self, path: Path) -> BlobRef:
-        return self.put_stream(file_chunks(Path(path)))
+    def put_file(self, path: Path, owner: Owner | None = None) -> BlobRef:
+        return self.put_stream(file_chunks(Path(path)), owner)
 
     def open(self, ref: Mapping[str, Any], chunk_size: int = DEFAULT_CHUNK_SIZE) -> ByteStream:
         key = layout.blob_key(ref["sha256"])

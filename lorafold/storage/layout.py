@@ -3,18 +3,24 @@
     blobs/sha256/<hex>                          content-addressed bytes, shared by adapters
     tenants/<tenant>/adapters/<adapter_id>.json one manifest per adapter, written last
     tenants/<tenant>/datasets/<dataset_id>.json one manifest per data set, written last
+    refs/sha256/<hex>/<kind>/<tenant>/<id>      one empty marker per manifest naming the blob
+    meta/references-v1                          the markers of older manifests are written
     tmp/<uuid>                                  uploads in flight, before their hash is known
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 from lorafold.errors import InvalidRequest
 
 BLOB_PREFIX = "blobs/sha256/"
 TMP_PREFIX = "tmp/"
+REF_PREFIX = "refs/sha256/"
+TENANTS_PREFIX = "tenants/"
+REFERENCES_MARKER = "meta/references-v1"
 MANIFEST_SUFFIX = ".json"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -59,5 +65,23 @@ def adapter_id_of(key: str) -> str:
     return key.rsplit("/", 1)[-1].removesuffix(MANIFEST_SUFFIX)
 
 
+def ref_prefix(sha256: str) -> str:
+    """Where the markers of the manifests naming blob `sha256` live."""
+    return REF_PREFIX + blob_key(sha256).removeprefix(BLOB_PREFIX) + "/"
+
+
+def ref_key(sha256: str, kind: str, tenant: str, item_id: str) -> str:
+    """The marker saying that manifest (kind, tenant, item_id) names blob `sha256`."""
+    manifest_key(tenant, item_id, kind)  # the same checks on kind, tenant and id
+    return f"{ref_prefix(sha256)}{kind}/{tenant}/{item_id}"
+
+
+def owner_of_ref(key: str) -> tuple[str, str, str]:
+    """(kind, tenant, item_id) of a marker key (inverse of `ref_key`)."""
+    kind, tenant, item_id = key.rsplit("/", 3)[1:]
+    return kind, tenant, item_id
+
+
 def tmp_key() -> str:
-    return f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    """A fresh `tmp/` key; it starts with the time in ms (hex), so a sweep can tell its age."""
+    return f"{TMP_PREFIX}{int(time.time() * 1000):x}-{uuid.uuid4().hex}"

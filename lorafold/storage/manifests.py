@@ -80,11 +80,20 @@ class Manifests:
         manifests.sort(key=lambda m: (str(m.get("created_at", "")), m["id"]), reverse=True)
         return manifests
 
-    def delete(self, tenant: str, item_id: str) -> None:
-        """Delete the manifest (`not_found` if none); its blobs stay (they may be shared)."""
-        self.get(tenant, item_id)
+    def find(self, tenant: str, item_id: str) -> dict[str, Any] | None:
+        """The manifest, or None if there is none."""
+        try:
+            return self.get(tenant, item_id)
+        except NotFound:
+            return None
+
+    def delete(self, tenant: str, item_id: str) -> dict[str, Any]:
+        """Delete the manifest (`not_found` if none) and return it, so that the caller can
+        release the blobs it named."""
+        manifest = self.get(tenant, item_id)
         self.storage.delete(layout.manifest_key(tenant, item_id, self.kind))
         logger.info("deleted %s %s of tenant %s", self.noun, item_id, tenant)
+        return manifest
 
     def _parse(self, payload: bytes, item_id: str) -> dict[str, Any]:
         try:

@@ -70,6 +70,7 @@ class S3Storage:
         self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
         if create_bucket:
             self.ensure_bucket()
+            self.ensure_lifecycle()
 
     def __repr__(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -99,6 +100,32 @@ class S3Storage:
                 raise self._error("create bucket", "", e) from e
         except BotoCoreError as e:
             raise self._error("create bucket", "", e) from e
+
+    def ensure_lifecycle(self, *, expire_days: int = 1) -> bool:
+        """Have the server itself expire what failed publishes leave below `tmp/` and abort
+        multipart uploads left open, after `expire_days`; other rules of the bucket are
+        kept. False (logged) where the server has no lifecycle support: the storage sweep
+        (`references.BlobReferences.sweep`) collects them instead."""
+        rule_id = f"lorafold-tmp-{self.prefix.strip('/') or 'root'}"[:255]
+        rule = {"ID": rule_id, "Filter": {"Prefix": f"{self.prefix}tmp/"}, "Status": "Enabled",
+                "Expiration": {"Days": expire_days},
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": expire_days}}
+        try:
+            try:
+                rules = self._client.get_bucket_lifecycle_configuration(
+                    Bucket=self.bucket).get("Rules", [])
+            except ClientError as e:
+                if _error_code(e) != "NoSuchLifecycleConfiguration":
+                    raise
+                rules = []
+            rules = [r for r in rules if r.get("ID") != rule_id] + [rule]
+            self._client.put_bucket_lifecycle_configuration(
+                Bucket=self.bucket, LifecycleConfiguration={"Rules": rules})
+        except (BotoCoreError, ClientError) as e:
+            logger.warning("s3://%s has no lifecycle rule for tmp/ (%s); the storage sweep "
+                           "collects unfinished uploads instead", self.bucket, e)
+            return False
+        return True
 
     def ping(self) -> None:
         self._call("reach bucket", "", self._client.head_bucket, Bucket=self.bucket)

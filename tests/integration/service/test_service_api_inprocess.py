@@ -175,7 +175,9 @@ def test_job_failures_are_recorded_with_their_code(api: TestClient, ctx: Service
                   f"a{i}")["id"] for i in range(2)]
     job_id = api.post("/v1/merges", json={"adapters": [{"id": i} for i in ids],
                                           "rank": 2}).json()["id"]
-    assert api.delete(f"/v1/adapters/{ids[1]}").status_code == 204  # gone before it runs
+    refused = api.delete(f"/v1/adapters/{ids[1]}")  # a queued job's input stays
+    assert refused.status_code == 409 and refused.json()["code"] == "adapter_in_use"
+    ctx.adapters.delete("tenant-a", ids[1])  # gone behind the service's back before it runs
     tasks.run_merge(job_id)
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed"

@@ -263,6 +263,9 @@ def test_data_driven_refusals_queue_nothing(api: TestClient, fitting_adapter: Pa
         ({**base, "hyperparams": {"quantization_probe": "yes"}}, 422,
          "invalid_hyperparameters"),
         ({**base, "remove": [fits]}, 422, "unexpected_parameter"),
+        # bounds on work (issue 10): more steps than the service allows
+        ({**base, "hyperparams": {"max_steps": 10_001}}, 422, "too_many_steps"),
+        ({**base, "hyperparams": {"relearn_probe_steps": 10_001}}, 422, "too_many_steps"),
     ]
     for body, status, code in cases:
         problem(api.post("/v1/unlearning", json=body), status, code)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from lorafold.settings import ClientSettings, Settings, key_digest
 
@@ -41,10 +41,30 @@ def test_defaults_are_safe_for_development() -> None:
     assert not settings.uses_s3
 
 
-@pytest.mark.parametrize("keys", [{}, {"short": "t"}, {"changeme" * 4: "t"} | {"key1": "t"}])
-def test_production_refuses_missing_or_weak_keys(keys: dict[str, str]) -> None:
+@pytest.mark.parametrize("keys", [{"short": "t"}, {"changeme" * 4: "t"} | {"key1": "t"}])
+def test_production_refuses_weak_keys(keys: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         Settings(environment="production", api_keys=keys)
+
+
+def test_only_the_api_needs_keys_in_production() -> None:
+    worker = Settings(environment="production")  # a worker authenticates nothing
+    assert worker.tenants == set()
+    with pytest.raises(ValueError, match="needs at least one API key"):
+        worker.require_api_keys()
+    Settings(environment="production", api_keys={GOOD_KEY: "t"}).require_api_keys()
+    Settings().require_api_keys()  # development: an open API is allowed
+
+
+def test_secrets_are_secret_strings() -> None:
+    settings = Settings(api_keys={GOOD_KEY: "t"}, s3_secret_key="s3-" + "x" * 30,
+                        webhook_secret="whsec_" + "y" * 30)
+    assert all(isinstance(key, SecretStr) for key in settings.api_keys)
+    assert isinstance(settings.s3_secret_key, SecretStr)
+    assert isinstance(settings.webhook_secret, SecretStr)
+    for secret in (GOOD_KEY, "x" * 30, "y" * 30):
+        assert secret not in repr(settings) and secret not in settings.model_dump_json()
+    assert settings.storage_options()["secret_key"] == "s3-" + "x" * 30  # unwrapped at use
 
 
 def test_production_accepts_strong_keys() -> None:

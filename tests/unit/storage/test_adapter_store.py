@@ -46,7 +46,8 @@ def publish(store: AdapterStore, paths: dict[str, Path], *, tenant: str = "t1",
 
 
 class FailingStorage(FilesystemStorage):
-    """A filesystem backend whose n-th streamed write fails half way (fault injection)."""
+    """A filesystem backend whose n-th streamed blob write (to `tmp/`) fails half way
+    (fault injection)."""
 
     def __init__(self, root: Path, fail_on_write: int) -> None:
         super().__init__(root)
@@ -54,6 +55,8 @@ class FailingStorage(FilesystemStorage):
         self.fail_on_write = fail_on_write
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult:
+        if not key.startswith("tmp/"):
+            return super().put_stream(key, chunks)
         self.writes += 1
         if self.writes != self.fail_on_write:
             return super().put_stream(key, chunks)
@@ -136,12 +139,12 @@ def test_failed_blob_upload_publishes_nothing(tmp_path: Path, adapter: dict[str,
     assert store.list_manifests("t1") == []
     with pytest.raises(AdapterNotFound):
         store.get_manifest("t1", "ad1")
-    assert not [k for k in fs.list_keys("") if not k.startswith("blobs/")]
+    assert [k for k in fs.list_keys("") if k != "meta/references-v1"] == []  # not even blobs
 
 
 def test_failed_republish_keeps_previous_manifest(tmp_path: Path,
                                                   adapter: dict[str, Path]) -> None:
-    fs = FailingStorage(tmp_path / "store", fail_on_write=7)  # 2nd publish, 2nd file
+    fs = FailingStorage(tmp_path / "store", fail_on_write=7)  # 2nd publish, 3rd file
     store = AdapterStore(fs)
     before = publish(store, adapter, name="v1")
     with pytest.raises(StorageError):
@@ -218,17 +221,18 @@ def test_missing_blob_is_a_storage_error(store: AdapterStore, fs: FilesystemStor
     assert info.value.code == "blob_missing"
 
 
-def test_delete_removes_manifest_keeps_blobs(store: AdapterStore, fs: FilesystemStorage,
-                                            adapter: dict[str, Path]) -> None:
+def test_delete_removes_manifest_and_its_blobs(store: AdapterStore, fs: FilesystemStorage,
+                                               adapter: dict[str, Path]) -> None:
     publish(store, adapter)
-    blobs = list(fs.list_keys("blobs/"))
+    assert len(list(fs.list_keys("blobs/"))) == 4
     store.delete("t1", "ad1")
     assert store.list_manifests("t1") == []
     with pytest.raises(AdapterNotFound):
         store.get_manifest("t1", "ad1")
     with pytest.raises(AdapterNotFound):
         store.delete("t1", "ad1")
-    assert list(fs.list_keys("blobs/")) == blobs
+    assert list(fs.list_keys("blobs/")) == []
+    assert list(fs.list_keys("refs/")) == []
 
 
 @pytest.mark.parametrize("bad_id", ["../t2/adapters/x", "a/b", "", ".hidden", "x" * 200])
