@@ -23,14 +23,16 @@ Item = tuple[str, str]  # (kind: "adapters" | "datasets", item id)
 
 
 def job_inputs(params: Mapping[str, Any]) -> set[Item]:
-    """The stored items a job's params name (merges and plans: `inputs`; unlearning: its
-    adapter, forget adapter, constituents and data sets)."""
+    """The stored items a job's params name (merges and plans: `inputs`, a tuned merge's
+    validation sets too; unlearning: its adapter, forget adapter, constituents and data
+    sets)."""
     adapters = {str(item["id"]) for item in params.get("inputs") or () if "id" in item}
     for name in ("adapter", "forget_adapter"):
         if params.get(name):
             adapters.add(str(params[name]))
     adapters.update(str(i) for i in params.get("constituents") or ())
     datasets = {str(i) for i in dict(params.get("datasets") or {}).values()}
+    datasets.update(str(i) for i in dict(params.get("tune") or {}).get("datasets") or ())
     return {("adapters", i) for i in adapters} | {("datasets", i) for i in datasets}
 
 
