@@ -1,12 +1,12 @@
-"""/v1/adapters: upload (streamed multipart), list, get, delete, download."""
+"""/v1/adapters: upload (streamed multipart) or import (JSON), list, get, delete, download."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +17,7 @@ from app.multipart import receive_upload
 from app.schemas import AdapterPublic, AdaptersPublic, PreflightPublic
 from lorafold.errors import LorafoldError
 from lorafold.service import adapters as service
+from lorafold.service.downloads import DOWNLOAD_FORMATS, MEDIA_TYPES, open_archive_download
 from lorafold.service.uploads import ByteBudget, UploadSpool, create_adapter
 
 logger = logging.getLogger(__name__)
@@ -112,22 +113,31 @@ def preflight_adapter(adapter_id: str, ctx: ContextDep, tenant: TenantDep,
         spool=ctx.spool_dir))
 
 
-@router.get("/{adapter_id}/download", summary="Download an adapter (.tar)",
+@router.get("/{adapter_id}/download", summary="Download an adapter (.tar, .tar.gz or .zip)",
             response_class=StreamingResponse,
             responses={
-                200: {"description": "the adapter as an uncompressed tar (filesystem storage)",
-                      "content": {"application/x-tar": {
-                          "schema": {"type": "string", "format": "binary"}}}},
-                307: {"description": "redirect to a presigned URL (S3 storage)"},
-                **problem_responses(401, 404, 503)})
+                200: {"description": "the adapter's files at the root of an archive: tar "
+                                     "(uncompressed), tar.gz or zip, as `format` asks",
+                      "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                                  for media in MEDIA_TYPES.values()}},
+                307: {"description": "format tar with S3 storage: a redirect to a presigned "
+                                     "URL"},
+                **problem_responses(401, 404, 422, 503)})
 def download_adapter(adapter_id: str, ctx: ContextDep, settings: SettingsDep,
-                     tenant: TenantDep) -> Response:
-    download = service.open_download(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id,
-                                     expires_s=settings.presign_expires_s,
+                     tenant: TenantDep,
+                     archive_format: Annotated[str, Query(
+                         alias="format", json_schema_extra={"enum": list(DOWNLOAD_FORMATS)},
+                         description="tar (default; a presigned redirect on S3), or tar.gz / "
+                                     "zip, built while streaming; another value: 422 "
+                                     "unsupported_format")] = "tar") -> Response:
+    download = open_archive_download(store=ctx.adapters, tenant=tenant, adapter_id=adapter_id,
+                                     fmt=archive_format, expires_s=settings.presign_expires_s,
                                      signer=ctx.presign_storage)
     if download.url is not None:
         return RedirectResponse(download.url, status_code=307)
     assert download.stream is not None
-    return StreamingResponse(download.stream, media_type="application/x-tar", headers={
-        "Content-Disposition": f'attachment; filename="{download.filename}"',
-        "Content-Length": str(download.size)})
+    headers = {"Content-Disposition": f'attachment; filename="{download.filename}"'}
+    if download.size is not None:
+        headers["Content-Length"] = str(download.size)
+    return StreamingResponse(download.stream, media_type=MEDIA_TYPES[archive_format],
+                             headers=headers)
