@@ -7,17 +7,21 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import ContextDep, IdempotencyKeyDep, SettingsDep, TenantDep
 from app.errors import problem_responses, status_for
 from app.metrics import Metrics
-from app.multipart import receive_upload
-from app.schemas import AdapterPublic, AdaptersPublic, PreflightPublic
+from app.multipart import receive_small_body, receive_upload
+from app.schemas import AdapterImport, AdapterPublic, AdaptersPublic, PreflightPublic
 from lorafold.errors import LorafoldError
 from lorafold.service import adapters as service
+from lorafold.service.context import ServiceContext
 from lorafold.service.downloads import DOWNLOAD_FORMATS, MEDIA_TYPES, open_archive_download
+from lorafold.service.imports import import_adapter
 from lorafold.service.uploads import ByteBudget, UploadSpool, create_adapter
 
 logger = logging.getLogger(__name__)
@@ -26,7 +30,8 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"multipart/form-data": {
+        "content": {
+            "multipart/form-data": {
             "schema": {
                 "type": "object",
                 "properties": {
@@ -41,20 +46,45 @@ UPLOAD_BODY: dict[str, Any] = {
                 },
             },
             "encoding": {"files": {"contentType": "application/octet-stream"}},
-            "example": {"name": "support-tickets-v3", "metadata": '{"team": "support"}'},
-        }},
+            "example": {"name": "support-tickets-v3", "metadata": '{"team": "support"}'}},
+            "application/json": {"schema": AdapterImport.model_json_schema()},
+        },
     },
 }
+IMPORT_BODY_LIMIT = 64 * 1024
+
+
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+async def _import(request: Request, ctx: ServiceContext, tenant: str,
+                  idempotency_key: str | None) -> AdapterPublic:
+    body = await receive_small_body(request, limit=IMPORT_BODY_LIMIT)
+    try:
+        wanted = AdapterImport.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                      for err in e.errors(include_url=False)]) from e
+    view = await run_in_threadpool(lambda: import_adapter(
+        ctx=ctx, tenant=tenant, source=wanted.source, name=wanted.name,
+        metadata=wanted.metadata, idempotency_key=idempotency_key))
+    return AdapterPublic.model_validate(view)
 
 
 @router.post("", status_code=201, response_model=AdapterPublic, openapi_extra=UPLOAD_BODY,
-             summary="Upload an adapter",
+             summary="Upload an adapter, or import one by reference (JSON)",
              responses=problem_responses(401, 409, 413, 422, 503))
 async def upload_adapter(request: Request, ctx: ContextDep, settings: SettingsDep,
                          tenant: TenantDep,
                          idempotency_key: IdempotencyKeyDep = None) -> AdapterPublic:
     """Streams the upload to disk (413 past the size limit), validates every tensor, then
-    publishes: a refused adapter is never stored or listed."""
+    publishes: a refused adapter is never stored or listed. A JSON body
+    `{"source": "https://…" | "s3://…" | "hf://…"}` has the service fetch the adapter
+    (only from sources the settings allow) and then treat it exactly as an upload."""
+    if _is_json(request):
+        return await _import(request, ctx, tenant, idempotency_key)
     metrics: Metrics = request.app.state.metrics
     spool = await run_in_threadpool(UploadSpool.create, ctx.spool_dir)
     budget = ByteBudget(settings.max_upload_bytes)
