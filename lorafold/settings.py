@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     gpus: str = Field(default="auto",
                       description="'auto', 'none' or a list of GPU indices '0,1'")
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_job_types: list[Literal["merge", "unlearn", "plan"]] | None = Field(
+        default=None, min_length=1,
+        description="job types this host's workers take, first = highest priority (JSON "
+                    "list; default: every type); docs/deploy.md")
     worker_threads: int | None = Field(default=None, ge=1,
                                        description="torch threads per CPU worker")
     job_monitoring_interval_s: int = Field(default=10, ge=1,
