@@ -6,9 +6,11 @@ Serving platforms take adapters as an archive with the PEFT files at the root (T
 writer turns them into archive bytes chunk by chunk, so a download can start sending at
 once and memory stays at one chunk plus the compressor's window.
 
-- tar.gz: ustar/pax headers, the data, the 512-byte padding and the end-of-archive
-  blocks written here, through one gzip stream (zlib, fast level: safetensors barely
-  compress, and the format is what matters to the consumer).
+- tar.gz: pax headers, the data, the 512-byte padding and the end-of-archive blocks
+  written here, through one gzip stream of stored (level 0) deflate blocks. Measured on
+  float16 LoRA-like weights: zlib level 1 shrinks them to 92.5% at 24 MiB/s, level 0
+  keeps them at 100% at 546 MiB/s (one loaded core), so compressing would make every
+  download CPU-bound for 7.5% fewer bytes; consumers ask for the format, not the ratio.
 - zip: Python's zipfile on an unseekable sink, which writes each entry's sizes and CRC
   in a data descriptor after its data (zip64 when an entry needs it); stored, not
   deflated, for the same reason.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 StreamFormat = Literal["tar.gz", "zip"]
-GZIP_LEVEL = 1
+GZIP_LEVEL = 0  # stored deflate blocks: see the module docstring
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # zip cannot say 1970; fixed: same files, same bytes
 
 

@@ -28,6 +28,7 @@ UPLOAD_LIMIT = 64 * MIB
 DATASET_LIMIT = 64 * 1024
 DRAIN_LIMIT = 256 * MIB
 TERMINAL = ("succeeded", "failed", "cancelled")
+IMPORT_BUCKET = "lorafold-e2e-imports"  # the S3 stack may import from it
 
 
 @dataclass
