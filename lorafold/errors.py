@@ -74,6 +74,14 @@ class SourceFetchFailed(InvalidRequest):
     retryable = True
 
 
+class Busy(LorafoldError):
+    """Too much of one kind of work in flight here right now; the same request may succeed
+    shortly (429 with Retry-After)."""
+
+    code = "busy"
+    retryable = True
+
+
 class InvalidDataset(LorafoldError):
     code = "invalid_dataset"
 

@@ -75,7 +75,7 @@ async def _import(request: Request, ctx: ServiceContext, tenant: str,
 
 @router.post("", status_code=201, response_model=AdapterPublic, openapi_extra=UPLOAD_BODY,
              summary="Upload an adapter, or import one by reference (JSON)",
-             responses=problem_responses(401, 409, 413, 422, 503))
+             responses=problem_responses(401, 409, 413, 422, 429, 503))
 async def upload_adapter(request: Request, ctx: ContextDep, settings: SettingsDep,
                          tenant: TenantDep,
                          idempotency_key: IdempotencyKeyDep = None) -> AdapterPublic:

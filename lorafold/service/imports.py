@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from lorafold.budget import Budget
-from lorafold.errors import PayloadTooLarge
+from lorafold.errors import Busy, PayloadTooLarge
 from lorafold.fetch import FetchPolicy, fetch_source, parse_source
 from lorafold.fetch.hub import check_hub_allowed
 from lorafold.fetch.sink import Writer
@@ -33,6 +35,23 @@ from lorafold.settings import Settings
 from lorafold.storage import Storage, resolve_storage
 
 logger = logging.getLogger(__name__)
+
+# Each import holds an API worker thread for up to import_timeout_s (a slow source): past
+# this many at once in one API process, more are refused (429 imports_busy) rather than
+# letting slow sources take every thread uploads and job routes need.
+MAX_CONCURRENT_IMPORTS = 8
+_import_slots = threading.BoundedSemaphore(MAX_CONCURRENT_IMPORTS)
+
+
+@contextmanager
+def import_slot() -> Iterator[None]:
+    if not _import_slots.acquire(blocking=False):
+        raise Busy(f"{MAX_CONCURRENT_IMPORTS} imports are already running on this API "
+                   "process; retry shortly", code="imports_busy")
+    try:
+        yield
+    finally:
+        _import_slots.release()
 
 
 def fetch_policy(settings: Settings) -> FetchPolicy:
@@ -92,21 +111,30 @@ def import_adapter(*, ctx: ServiceContext, tenant: str, source: str, name: str |
                     fingerprint=fingerprint) as claim:
         if claim.replay is not None:
             return replayed_view(ctx, tenant, claim.replay)
-        spool = UploadSpool.create(ctx.spool_dir)
-        try:
-            spool.set_field("name", (name or parsed.default_name).encode("utf-8"))
-            if metadata:
-                spool.set_field("metadata", json.dumps(dict(metadata)).encode("utf-8"))
-            started = time.perf_counter()
-            budget = source_budget(settings.max_upload_bytes)
-            fetch_source(parsed, policy=policy, sink=SpoolSink(spool), budget=budget,
-                         deadline=policy.deadline(source), bucket=_bucket_opener(settings),
-                         work_dir=spool.root)
-            logger.info("import of %s for tenant %s: %d bytes in %.2fs", redacted(source),
-                        tenant, budget.used, time.perf_counter() - started)
-            view = create_adapter(ctx=ctx, tenant=tenant, spool=spool)
-        finally:
-            spool.cleanup()
+        with import_slot():
+            view = _fetch_and_create(ctx, tenant, parsed, source, policy, name, metadata)
         claim.value = view
         return view
+
+
+def _fetch_and_create(ctx: ServiceContext, tenant: str, parsed: Source, source: str,
+                      policy: FetchPolicy, name: str | None,
+                      metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fetch into a fresh spool, then the upload path; the spool is removed either way."""
+    settings = ctx.settings
+    spool = UploadSpool.create(ctx.spool_dir)
+    try:
+        spool.set_field("name", (name or parsed.default_name).encode("utf-8"))
+        if metadata:
+            spool.set_field("metadata", json.dumps(dict(metadata)).encode("utf-8"))
+        started = time.perf_counter()
+        budget = source_budget(settings.max_upload_bytes)
+        fetch_source(parsed, policy=policy, sink=SpoolSink(spool), budget=budget,
+                     deadline=policy.deadline(source), bucket=_bucket_opener(settings),
+                     work_dir=spool.root)
+        logger.info("import of %s for tenant %s: %d bytes in %.2fs", redacted(source),
+                    tenant, budget.used, time.perf_counter() - started)
+        return create_adapter(ctx=ctx, tenant=tenant, spool=spool)
+    finally:
+        spool.cleanup()
 

@@ -279,3 +279,22 @@ def test_nothing_is_left_in_the_spool(api: TestClient, origin: Origin, tmp_path:
     spool: Path = api.app.state.context.spool_dir  # type: ignore[attr-defined]
     assert list(spool.iterdir()) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_imports_in_flight_are_bounded_per_api_process(api: TestClient, origin: Origin,
+                                                       tmp_path: Path) -> None:
+    from lorafold.service import imports
+
+    origin.routes["/a.tar.gz"] = Route(body=tar_gz(adapter_cases.good_adapter(tmp_path)))
+    held = 0
+    try:
+        while imports._import_slots.acquire(blocking=False):  # as if 8 were in flight
+            held += 1
+        assert held == imports.MAX_CONCURRENT_IMPORTS
+        busy = post_import(api, origin.url("/a.tar.gz"))
+        assert_problem(busy, 429, "imports_busy")
+        assert busy.headers["retry-after"] and origin.hits["/a.tar.gz"] == 0
+    finally:
+        for _ in range(held):
+            imports._import_slots.release()
+    assert post_import(api, origin.url("/a.tar.gz")).status_code == 201
