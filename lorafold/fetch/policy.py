@@ -1,7 +1,6 @@
 """Which import sources the service may reach: the SSRF guard.
 
-- https to a host whose every used address is public: allowed when `public_https` is on
-  (the default);
+- https to a public address: allowed when `public_https` is on (the default);
 - http, or any address that is not public (loopback, private, link-local, shared,
   reserved, multicast; IPv4-mapped IPv6 unwrapped first): only when `allowed_hosts` names
   the host (`name` or `name:port`) or a network holding the address (`10.0.0.0/8`,
