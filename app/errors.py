@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafold.errors import (
+    Busy,
     Conflict,
     IncompatibleAdapters,
     InvalidAdapter,
@@ -49,6 +50,7 @@ STATUS_BY_ERROR: Sequence[tuple[type[LorafoldError], int]] = (
     (Conflict, 409),
     (JobCancelled, 409),
     (PayloadTooLarge, 413),
+    (Busy, 429),
     (InvalidAdapter, 422),
     (IncompatibleAdapters, 422),
     (InvalidRequest, 422),
@@ -92,6 +94,8 @@ async def lorafold_error_handler(request: Request, exc: Exception) -> JSONRespon
         headers["WWW-Authenticate"] = 'Bearer realm="lorafold"'
     if status == 413:
         headers["Connection"] = "close"
+    if status == 429:
+        headers["Retry-After"] = RETRY_AFTER_S
     if status >= 500:
         logger.error("%s %s failed: %s: %s", request.method, request.url.path, exc.code,
                      exc.message)

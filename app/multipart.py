@@ -175,3 +175,21 @@ async def receive_file(request: Request, *, sink: SpooledFile, budget: ByteBudge
     finally:
         sink.close()
     return budget.used
+
+
+async def receive_small_body(request: Request, *, limit: int) -> bytes:
+    """A small body (an import request's JSON) in memory, refused past `limit` bytes."""
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"the body ({declared} bytes) exceeds the limit of {limit} "
+                              "bytes", limit=limit)
+    budget = ByteBudget(limit)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            budget.add(len(chunk))
+            body += chunk
+    except ClientDisconnect as e:
+        raise InvalidRequest("the client closed the connection during the request",
+                             code="upload_incomplete") from e
+    return bytes(body)

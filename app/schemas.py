@@ -78,6 +78,24 @@ class AdapterPublic(BaseModel):
     created_at: str
 
 
+class AdapterImport(BaseModel):
+    """POST /v1/adapters as JSON: the service fetches the adapter (docs/service.md, "Import
+    by reference") and stores it as an upload."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"source": "s3://models/support-v3.tar.gz", "name": "support-v3"},
+        {"source": "https://models.example.com/billing.zip"}]})
+
+    source: str = Field(min_length=1, max_length=4096,
+                        description="https://host/path (a .zip, .tar.gz or .tar of the "
+                                    "adapter), s3://bucket/key (an archive), "
+                                    "s3://bucket/prefix/ (the PEFT files below it), or "
+                                    "hf://org/name[@revision]")
+    name: str | None = Field(default=None, min_length=1, max_length=200,
+                             description="default: the source's last path segment")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
 class PreflightCheckPublic(BaseModel):
     rule: str
     ok: bool

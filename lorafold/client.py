@@ -6,6 +6,8 @@
         job = client.merge([a["id"], b["id"]], method="ctm", rule="ties", rank=16)
         job = client.wait(job["id"], on_progress=print)
         client.download(job["result"]["adapter_id"], Path("merged"), extract=True)
+        client.download(job["result"]["adapter_id"], Path("merged.zip"), archive_format="zip")
+        c = client.import_adapter("s3://models/support-v3.tar.gz", name="support")
 
         forget = client.upload_dataset(Path("tenant-42.jsonl"))
         job = client.unlearn("npo", a["id"], forget_dataset=forget["id"])
@@ -20,6 +22,7 @@ import contextlib
 import json
 import tarfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +35,8 @@ from lorafold.errors import LorafoldError
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 # Sent from an adapter directory when present (a pickled .bin only to be refused by name).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# The service fetches and validates before it answers (bounded by its own fetch timeout).
+IMPORT_TIMEOUT_S = 3600.0
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
@@ -127,14 +132,17 @@ class LorafoldClient:
     def delete_adapter(self, adapter_id: str) -> None:
         self._request("DELETE", f"/v1/adapters/{adapter_id}")
 
-    def download(self, adapter_id: str, dest: Path, *, extract: bool = False) -> Path:
-        """Save the adapter's .tar to `dest` (a file, or a directory when `extract`)."""
+    def download(self, adapter_id: str, dest: Path, *, extract: bool = False,
+                 archive_format: str = "tar") -> Path:
+        """Save the adapter as a .tar, .tar.gz or .zip (`archive_format`) to `dest`, or
+        unpack it into the directory `dest` when `extract`."""
         dest = Path(dest)
-        archive = dest.with_name(dest.name + ".tar") if extract else dest
+        archive = dest.with_name(f"{dest.name}.{archive_format}") if extract else dest
         archive.parent.mkdir(parents=True, exist_ok=True)
         url = f"/v1/adapters/{adapter_id}/download"
         # httpx drops our Authorization header when a redirect leaves our origin (S3).
-        with self._http.stream("GET", url, follow_redirects=True) as response:
+        with self._http.stream("GET", url, params={"format": archive_format},
+                               follow_redirects=True) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for_problem(response)
@@ -144,10 +152,29 @@ class LorafoldClient:
         if not extract:
             return archive
         dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+        if archive_format == "zip":
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(dest)  # zipfile drops absolute and '..' parts of names
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(dest, filter="data")
         archive.unlink()
         return dest
+
+    def import_adapter(self, source: str, *, name: str | None = None,
+                       metadata: dict[str, Any] | None = None,
+                       idempotency_key: str | None = None) -> dict[str, Any]:
+        """Have the service fetch an adapter by reference (https://..., s3://bucket/key,
+        hf://org/name@rev) and store it as an upload; fields as in POST /v1/adapters."""
+        body: dict[str, Any] = {"source": source}
+        if name is not None:
+            body["name"] = name
+        if metadata is not None:
+            body["metadata"] = metadata
+        result: dict[str, Any] = self._request(
+            "POST", "/v1/adapters", json=body, headers=self._idempotency(idempotency_key),
+            timeout=httpx.Timeout(IMPORT_TIMEOUT_S, connect=10.0)).json()
+        return result
 
     # -- data sets ----------------------------------------------------------------------
 

@@ -58,6 +58,30 @@ class UnknownMethod(InvalidRequest):
     code = "unknown_method"
 
 
+class SourceRefused(InvalidRequest):
+    """An import source lorafold will not fetch: its scheme, host, address or bucket is
+    not allowed by the settings (codes: source_not_allowed, source_scheme_unsupported,
+    source_hub_disabled)."""
+
+    code = "source_not_allowed"
+
+
+class SourceFetchFailed(InvalidRequest):
+    """An allowed import source that could not be fetched: unreachable, an HTTP error, no
+    such object, a timeout (codes: source_fetch_failed, source_timeout)."""
+
+    code = "source_fetch_failed"
+    retryable = True
+
+
+class Busy(LorafoldError):
+    """Too much of one kind of work in flight here right now; the same request may succeed
+    shortly (429 with Retry-After)."""
+
+    code = "busy"
+    retryable = True
+
+
 class InvalidDataset(LorafoldError):
     code = "invalid_dataset"
 

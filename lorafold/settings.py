@@ -106,6 +106,23 @@ class Settings(BaseSettings):
     spool_dir: Path | None = Field(default=None,
                                    description="temporary files of uploads and jobs")
 
+    # -- import by reference: POST /v1/adapters {"source": ...} (docs/service.md) ---------
+    import_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts (name, name:port) and IP networks (CIDR) that imports may reach "
+                    "over http or at non-public addresses (JSON list)")
+    import_public_https: bool = Field(default=True,
+                                      description="import over https from any host at a "
+                                                  "public address")
+    import_s3_buckets: list[str] = Field(
+        default_factory=list,
+        description="buckets (or bucket/prefix) s3:// imports may read, with the service's "
+                    "S3 endpoint and credentials (JSON list)")
+    import_hub: bool = Field(default=False, description="allow hf://org/name@rev imports "
+                                                        "(needs the Hugging Face Hub)")
+    import_timeout_s: float = Field(default=300.0, gt=0, le=24 * 3600,
+                                    description="the whole fetch of one import")
+
     # -- unlearning: data sets and base models -------------------------------------------
     max_dataset_bytes: int = Field(default=64 * MIB, ge=1024,
                                    description="largest JSONL data set accepted")
@@ -174,6 +191,10 @@ class Settings(BaseSettings):
     gpus: str = Field(default="auto",
                       description="'auto', 'none' or a list of GPU indices '0,1'")
     worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_job_types: list[Literal["merge", "unlearn", "plan"]] | None = Field(
+        default=None, min_length=1,
+        description="job types this host's workers take, first = highest priority (JSON "
+                    "list; default: every type); docs/deploy.md")
     worker_threads: int | None = Field(default=None, ge=1,
                                        description="torch threads per CPU worker")
     job_monitoring_interval_s: int = Field(default=10, ge=1,
@@ -201,6 +222,15 @@ class Settings(BaseSettings):
         if not parts or not all(p.isdigit() for p in parts):
             raise ValueError("gpus must be 'auto', 'none' or comma-separated indices like '0,1'")
         return ",".join(parts)
+
+    @field_validator("import_allowed_hosts")
+    @classmethod
+    def _check_import_hosts(cls, value: list[str]) -> list[str]:
+        from lorafold.fetch.policy import parse_allowed_host
+
+        for entry in value:
+            parse_allowed_host(entry)  # ValueError names the bad entry
+        return value
 
     @field_validator("redis_url")
     @classmethod

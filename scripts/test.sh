@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's whole check: install into .venv, lint, type-check, validate compose, test.
+# The project's whole check: install into .venv, lint, type-check, validate compose and
+# the Kubernetes manifests, test.
 # Usage: bash scripts/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ echo "== mypy"
 if [ -f scripts/check_compose.sh ]; then
     echo "== docker-compose"
     bash scripts/check_compose.sh
+fi
+if [ -f scripts/check_k8s.sh ]; then
+    echo "== kubernetes manifests"
+    bash scripts/check_k8s.sh
 fi
 echo "== pytest"
 set +e

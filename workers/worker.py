@@ -30,7 +30,7 @@ from rq.serializers import JSONSerializer
 
 from lorafold.service.context import ServiceContext
 from lorafold.service.joblog import configure_worker_logging
-from lorafold.service.queues import job_types, make_queue
+from lorafold.service.queues import make_queue, worker_job_types
 from lorafold.service.storage_sweep import sweep_storage
 from lorafold.service.workdirs import sweep_work_dirs
 from lorafold.settings import Settings
@@ -65,7 +65,8 @@ class LorafoldWorker(Worker):
 
 def build_worker(ctx: ServiceContext, name: str) -> LorafoldWorker:
     settings = ctx.settings
-    queues = [make_queue(ctx.redis, settings, job_type) for job_type in job_types()]
+    queues = [make_queue(ctx.redis, settings, job_type)
+              for job_type in worker_job_types(settings)]
     worker = LorafoldWorker(
         queues, name=name, connection=ctx.redis, serializer=JSONSerializer,
         job_monitoring_interval=settings.job_monitoring_interval_s,

@@ -137,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
             _print(client.get_adapter(args.adapter_id))
         elif action == "delete":
             client.delete_adapter(args.adapter_id)
+        elif action == "import":
+            _show(client.import_adapter(args.source, name=args.name,
+                                        metadata=_metadata(args.metadata)), args.quiet)
         elif action == "download":
-            out = args.out or Path(args.adapter_id if args.extract else f"{args.adapter_id}.tar")
-            print(client.download(args.adapter_id, out, extract=args.extract))
+            out = args.out or Path(args.adapter_id if args.extract
+                                   else f"{args.adapter_id}.{args.format}")
+            print(client.download(args.adapter_id, out, extract=args.extract,
+                                  archive_format=args.format))
         elif action == "plan":
             return _plan(client, args)
         elif action == "merge":
@@ -197,8 +202,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions.add_parser("list", help="list adapters")
     for name, text in (("get", "show one adapter"), ("delete", "delete an adapter")):
         actions.add_parser(name, help=text).add_argument("adapter_id")
-    down = actions.add_parser("download", help="download an adapter (.tar)")
+    imp = actions.add_parser(
+        "import", help="have the service fetch an adapter by reference",
+        description="SOURCE: https://host/path (a .zip/.tar.gz/.tar of the adapter), "
+                    "s3://bucket/key (an archive) or s3://bucket/prefix/ (the PEFT files "
+                    "below it), hf://org/name[@revision]; each only where the service's "
+                    "settings allow it (docs/service.md, 'Import by reference').")
+    imp.add_argument("source")
+    imp.add_argument("--name")
+    imp.add_argument("--metadata", help="a JSON object")
+    imp.add_argument("-q", "--quiet", action="store_true",
+                     help="print only the id (of the adapter)")
+    down = actions.add_parser("download", help="download an adapter (.tar, .tar.gz or .zip)")
     down.add_argument("adapter_id")
+    down.add_argument("--format", choices=["tar", "tar.gz", "zip"], default="tar",
+                      help="archive format, the files at its root (default: %(default)s)")
     down.add_argument("--out", type=Path, help="file (or directory with --extract)")
     down.add_argument("--extract", action="store_true", help="unpack into a directory")
 

@@ -220,10 +220,11 @@ def delete_adapter(*, ctx: ServiceContext, tenant: str, adapter_id: str) -> None
 
 @dataclass(frozen=True)
 class Download:
-    """Either a presigned URL to redirect to, or a byte stream to send."""
+    """Either a presigned URL to redirect to, or a byte stream to send (`size` None when
+    it is only known once sent: an archive built while streaming)."""
 
     filename: str
-    size: int
+    size: int | None
     url: str | None = None
     stream: Iterator[bytes] | None = None
 

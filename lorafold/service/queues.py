@@ -39,6 +39,14 @@ def job_types() -> list[JobType]:
     return list(TASKS)
 
 
+def worker_job_types(settings: Settings) -> list[JobType]:
+    """The job types a worker listens for, in priority order (RQ takes a job from the
+    first non-empty queue): `worker_job_types` when set, else every type."""
+    if settings.worker_job_types is None:
+        return job_types()
+    return [JobType(name) for name in dict.fromkeys(settings.worker_job_types)]
+
+
 def make_queue(redis: Redis, settings: Settings, job_type: JobType) -> Queue:
     return Queue(queue_name(settings, job_type), connection=redis, serializer=JSONSerializer)
 

@@ -253,6 +253,15 @@ def _stored_size(directory: Path, archive: Path | None) -> int:
     return files + (archive.stat().st_size if archive is not None else files)
 
 
+def replayed_view(ctx: ServiceContext, tenant: str, replay: dict[str, Any]) -> dict[str, Any]:
+    """What a replayed POST /v1/adapters answers: the adapter as it is now, or the first
+    answer if it was deleted since."""
+    try:
+        return get_adapter(store=ctx.adapters, tenant=tenant, adapter_id=replay["id"])
+    except AdapterNotFound:
+        return replay
+
+
 def create_adapter(*, ctx: ServiceContext, tenant: str, spool: UploadSpool,
                    idempotency_key: str | None = None) -> dict[str, Any]:
     """Validate the spooled upload and publish it; returns the adapter's public view."""
@@ -260,11 +269,7 @@ def create_adapter(*, ctx: ServiceContext, tenant: str, spool: UploadSpool,
     with idempotent(ctx.idempotency, tenant=tenant, scope="adapters", key=idempotency_key,
                     fingerprint=form.fingerprint) as claim:
         if claim.replay is not None:
-            try:  # the adapter as it is now; the first answer if it was deleted since
-                return get_adapter(store=ctx.adapters, tenant=tenant,
-                                   adapter_id=claim.replay["id"])
-            except AdapterNotFound:
-                return claim.replay
+            return replayed_view(ctx, tenant, claim.replay)
         adapter_id = new_adapter_id()
         started = time.perf_counter()
         inspection, archive = _validate(ctx, spool, form)

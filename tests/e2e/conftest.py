@@ -14,7 +14,7 @@ import pytest
 
 from lorafold.servers.redis import RedisServer, start_redis
 from lorafold.servers.seaweedfs import SeaweedFS, start_seaweedfs
-from tests.e2e.stack import DATASET_LIMIT, Stack, start_stack
+from tests.e2e.stack import DATASET_LIMIT, IMPORT_BUCKET, Stack, start_stack
 from tests.unlearn_world import save_base_model
 
 
@@ -64,7 +64,10 @@ def s3_stack(e2e_root: Path, e2e_redis: RedisServer, e2e_seaweedfs: SeaweedFS,
                    "LORAFOLD_S3_ENDPOINT_URL": s3.endpoint_url,
                    "LORAFOLD_S3_REGION": s3.region,
                    "LORAFOLD_S3_ACCESS_KEY": str(s3.access_key),
-                   "LORAFOLD_S3_SECRET_KEY": str(s3.secret_key)}
+                   "LORAFOLD_S3_SECRET_KEY": str(s3.secret_key),
+                   # imports by reference (tests/e2e/test_import_download_e2e.py)
+                   "LORAFOLD_IMPORT_S3_BUCKETS": json.dumps([IMPORT_BUCKET]),
+                   "LORAFOLD_IMPORT_ALLOWED_HOSTS": json.dumps(["127.0.0.1"])}
     stack = start_stack("s3", e2e_root / "s3-stack", redis_url=f"redis://127.0.0.1:"
                         f"{e2e_redis.port}/1", storage_env=storage_env, workers=2)
     try:

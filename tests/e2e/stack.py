@@ -28,6 +28,7 @@ UPLOAD_LIMIT = 64 * MIB
 DATASET_LIMIT = 64 * 1024
 DRAIN_LIMIT = 256 * MIB
 TERMINAL = ("succeeded", "failed", "cancelled")
+IMPORT_BUCKET = "lorafold-e2e-imports"  # the S3 stack may import from it
 
 
 @dataclass
@@ -95,6 +96,9 @@ def start_stack(name: str, root: Path, *, redis_url: str, storage_env: dict[str,
         "LORAFOLD_MAINTENANCE_INTERVAL_S": "1",
         "LORAFOLD_WORKER_TTL_S": "20",
         "LORAFOLD_LOG_LEVEL": "INFO",
+        # imports reach no host beyond the loopback ones a test names (the fuzzer makes up
+        # https URLs)
+        "LORAFOLD_IMPORT_PUBLIC_HTTPS": "false",
         **storage_env,
     }
     port = free_port()
