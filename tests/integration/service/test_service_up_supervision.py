@@ -46,11 +46,14 @@ def kill_and_wait_for_restart(up: UpProcess, label: str, cmdline: str,
                               timeout: float = 90.0) -> None:
     victim = child(up, cmdline)
     victim.kill()
-    said = re.compile(rf"{re.escape(label)} \(pid {victim.pid}\) exited with code -9; "
-                      rf"restarting in \d+s \(restart 1 of at most \d+\)\n"
-                      rf"{re.escape(label)} restarted \(pid (\d+)\)")
+    # Two lines, searched apart: other children (a worker losing Redis) may log between.
+    said = re.compile(rf"^{re.escape(label)} \(pid {victim.pid}\) exited with code -9; "
+                      rf"restarting in \d+s \(restart 1 of at most \d+\)\n(?P<after>.*)",
+                      re.MULTILINE | re.DOTALL)
+    restarted = re.compile(rf"^{re.escape(label)} restarted \(pid (\d+)\)", re.MULTILINE)
     deadline = time.monotonic() + timeout
-    while not (found := said.search(up.output())):
+    while not ((exited := said.search(up.output()))
+               and (found := restarted.search(exited.group("after")))):
         assert up.process.alive(), up.output()[-3000:]
         assert time.monotonic() < deadline, up.output()[-3000:]
         time.sleep(0.2)
