@@ -23,7 +23,7 @@ import json
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -212,17 +212,21 @@ class LorafoldClient:
               seed: int = 0, beta: float | None = None, subspace: str | None = None,
               force: bool = False, dtype: str | None = None, target: str | None = None,
               base_model_name: str | None = None, name: str | None = None,
-              webhook_url: str | None = None,
+              webhook_url: str | None = None, tune: Mapping[str, Any] | None = None,
               idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit a merge job; fields as in POST /v1/merges. Options left at None are not
         sent, so the service's defaults apply (method and rule: `DEFAULT_METHOD` and
-        `DEFAULT_RULE` of lorafold.merge.plan; beta, subspace, drop: the core's)."""
+        `DEFAULT_RULE` of lorafold.merge.plan; beta, subspace, drop: the core's). `tune`
+        makes it a tuned merge: {"datasets": [ids], "base_model", "params", "budget",
+        "time_limit_s"} (docs/tuning.md)."""
         weights = list(weights) if weights is not None else [1.0] * len(adapter_ids)
         options = {"method": method, "rule": rule, "rank": rank, "min_energy": min_energy,
                    "density": density,
                    "drop": drop, "beta": beta, "subspace": subspace, "dtype": dtype,
                    "target": target, "base_model_name": base_model_name, "name": name,
-                   "webhook_url": webhook_url}
+                   "webhook_url": webhook_url,
+                   "tune": None if tune is None else {k: v for k, v in tune.items()
+                                                      if v is not None}}
         body: dict[str, Any] = {
             "adapters": [{"id": i, "weight": w} for i, w in zip(adapter_ids, weights,
                                                                   strict=True)],

@@ -28,6 +28,8 @@ from lorafold.cli.service_cmd import local_api_key
 from lorafold.client import LorafoldClient
 from lorafold.errors import InvalidRequest
 from lorafold.settings import ClientSettings
+from lorafold.tune.cli import add_tune_options
+from lorafold.tune.options import parse_params
 
 
 def _print(value: Any) -> None:
@@ -117,6 +119,15 @@ def _dataset_ref(client: LorafoldClient, value: str | None, role: str) -> str | 
     return str(client.upload_dataset(Path(value), name=f"{Path(value).stem} ({role})")["id"])
 
 
+def _tune_field(client: LorafoldClient, args: argparse.Namespace) -> dict[str, Any] | None:
+    """`tune` of a merge request from --tune-data (ids, or JSONL files uploaded now)."""
+    if not args.tune_data:
+        return None
+    return {"datasets": [_dataset_ref(client, value, "validation") for value in args.tune_data],
+            "base_model": args.base_model, "params": parse_params(args.tune_params),
+            "budget": args.tune, "time_limit_s": args.tune_time_limit}
+
+
 def _unlearn_fields(client: LorafoldClient, args: argparse.Namespace) -> dict[str, Any]:
     return {"remove": args.remove or None, "forget_adapter": args.forget_adapter,
             "strength": args.strength, "rank": args.rank, "base_model": args.base_model,
@@ -156,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                                density=args.density, drop=args.drop, scale=args.scale,
                                seed=args.seed, beta=args.beta, subspace=args.subspace,
                                force=args.force, dtype=args.dtype, target=args.target,
-                               base_model_name=args.base_model_name, name=args.name)
+                               base_model_name=args.base_model_name, name=args.name,
+                               tune=_tune_field(client, args))
             if args.wait:
                 return _finished(wait_with_bar(client, job["id"], args.timeout), args.quiet)
             _show(job, args.quiet)
@@ -239,6 +251,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     merge = actions.add_parser("merge", help="merge adapters (a job)")
     merge.add_argument("adapter_ids", nargs="+", metavar="ADAPTER_ID")
     add_merge_options(merge, method_default=None)
+    add_tune_options(merge, service=True)
     merge.add_argument("--name")
     merge.add_argument("--wait", action="store_true", help="wait for the job to finish")
     merge.add_argument("--timeout", type=float, default=3600.0, help="seconds, with --wait")

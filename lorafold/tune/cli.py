@@ -24,23 +24,31 @@ if TYPE_CHECKING:
     from lorafold.tune.api import TunedMerge
 
 
-def add_tune_options(p: argparse.ArgumentParser) -> None:
+def add_tune_options(p: argparse.ArgumentParser, *, service: bool = False) -> None:
+    """The tuning options of `lorafold merge` and, with `service`, of `lorafold client
+    merge` (there --tune-data takes data set ids or JSONL files to upload, and the base
+    model is a name the service resolves)."""
     group = p.add_argument_group("tuning (docs/tuning.md)")
-    group.add_argument("--tune-data", action="append", type=Path, metavar="VAL.jsonl",
-                       help="validation set (JSONL, the unlearning data format): once for "
-                            "all inputs or once per input; makes the merge a tuned one")
-    group.add_argument("--base-model", metavar="DIR|NAME",
-                       help="tuning: the base model (a local directory, or a name found in "
+    where = ("data set id, or a JSONL file uploaded first" if service
+             else "validation set (JSONL, the unlearning data format)")
+    group.add_argument("--tune-data", action="append", metavar="VAL.jsonl",
+                       help=f"{where}: once for all inputs or once per input; makes the "
+                            "merge a tuned one")
+    group.add_argument("--base-model", metavar="NAME" if service else "DIR|NAME",
+                       help="tuning: the base model (default: the inputs' own)" if service
+                       else "tuning: the base model (a local directory, or a name found in "
                             "the Hugging Face cache)")
-    group.add_argument("--tune", type=int, default=DEFAULT_BUDGET, metavar="BUDGET",
+    group.add_argument("--tune", type=int, default=None if service else DEFAULT_BUDGET,
+                       metavar="BUDGET",
                        help="tuning: validation passes allowed (candidates and weight "
                             f"steps; default {DEFAULT_BUDGET})")
     group.add_argument("--tune-params", metavar="P,...",
                        help=f"tuning: parameters to tune, from {', '.join(TUNE_PARAMS)} "
                             "(default lambda, plus beta for ctm and the rule's knobs)")
-    group.add_argument("--tune-time-limit", type=float, default=DEFAULT_TIME_LIMIT_S,
-                       metavar="S", help="tuning: stop searching after S seconds "
-                                         f"(default {DEFAULT_TIME_LIMIT_S:g})")
+    group.add_argument("--tune-time-limit", type=float,
+                       default=None if service else DEFAULT_TIME_LIMIT_S, metavar="S",
+                       help=f"tuning: stop searching after S seconds (default "
+                            f"{DEFAULT_TIME_LIMIT_S:g})")
 
 
 def _base_model_dir(text: str | None) -> Path:

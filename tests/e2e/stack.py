@@ -8,6 +8,8 @@ so that a killed worker's job is retried within seconds; nothing else is test-sp
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -160,3 +162,13 @@ def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str
     assert body["status"] == status
     assert {"type", "title", "detail"} <= body.keys()
     return body
+
+
+def client_cli(stack: Stack, *args: str, tenant: str = "tenant-a",
+               ) -> subprocess.CompletedProcess[str]:
+    """`lorafold client ARGS` in a fresh process, told the stack's URL and a tenant's key
+    through the environment only (nothing of the caller's)."""
+    env = {"LORAFOLD_URL": stack.url, "LORAFOLD_API_KEY": KEYS[tenant],
+           "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "lorafold", "client", *args], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -18,18 +15,12 @@ from peft import LoraConfig, PeftModel
 
 from lorafold.servers.seaweedfs import SeaweedFS
 from lorafold.storage.s3 import S3Storage
-from tests.e2e.stack import IMPORT_BUCKET, KEYS, Stack
+from tests.e2e.stack import IMPORT_BUCKET, Stack, client_cli
 from tests.loopback_http import Origin, Route
 from tests.peft_models import llama_inputs, make_peft_adapter, tiny_llama
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"LORAFOLD_URL": stack.url, "LORAFOLD_API_KEY": KEYS["tenant-a"],
-           "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "lorafold", "client", *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def logits(directory: Path) -> torch.Tensor:
@@ -56,18 +47,18 @@ def test_import_from_s3_then_download_zip_and_load_in_peft(
     adapter, archive = peft_archive
     bucket = S3Storage(IMPORT_BUCKET, create_bucket=True, **e2e_seaweedfs.storage_options())
     bucket.put_bytes("team/support-v3.tar.gz", archive)
-    done = cli(s3_stack, "import", f"s3://{IMPORT_BUCKET}/team/support-v3.tar.gz", "-q")
+    done = client_cli(s3_stack, "import", f"s3://{IMPORT_BUCKET}/team/support-v3.tar.gz", "-q")
     assert done.returncode == 0, done.stderr
     adapter_id = done.stdout.strip()
     for fmt in ("zip", "tar.gz"):
         out = tmp_path / fmt
-        got = cli(s3_stack, "download", adapter_id, "--format", fmt, "--extract", "--out",
+        got = client_cli(s3_stack, "download", adapter_id, "--format", fmt, "--extract", "--out",
                   str(out))
         assert got.returncode == 0, got.stderr
         assert {p.name for p in out.iterdir()} == PEFT_FILES
         torch.testing.assert_close(logits(out), logits(adapter), rtol=0, atol=0)
     saved = tmp_path / "a.zip"
-    assert cli(s3_stack, "download", adapter_id, "--format", "zip", "--out",
+    assert client_cli(s3_stack, "download", adapter_id, "--format", "zip", "--out",
                str(saved)).returncode == 0
     assert saved.read_bytes()[:4] == b"PK\x03\x04"
 
@@ -78,7 +69,7 @@ def test_import_from_a_loopback_origin_and_refusals(s3_stack: Stack,
     origin = Origin("127.0.0.1")
     try:
         origin.routes["/models/billing.tar.gz"] = Route(body=archive)
-        done = cli(s3_stack, "import", origin.url("/models/billing.tar.gz"), "--metadata",
+        done = client_cli(s3_stack, "import", origin.url("/models/billing.tar.gz"), "--metadata",
                    '{"team": "billing"}')
         assert done.returncode == 0, done.stderr
         view = json.loads(done.stdout)
@@ -90,5 +81,5 @@ def test_import_from_a_loopback_origin_and_refusals(s3_stack: Stack,
                          ("http://127.0.0.2:9/a.zip", "source_not_allowed"),
                          ("s3://not-listed/a.tar.gz", "source_not_allowed"),
                          ("hf://org/name", "source_hub_disabled")):
-        refused = cli(s3_stack, "import", source)
+        refused = client_cli(s3_stack, "import", source)
         assert refused.returncode != 0 and code in refused.stderr, refused.stderr

@@ -4,19 +4,10 @@ merge job per group is submitted and succeeds, at the group's rank."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.e2e.stack import KEYS, Stack
+from tests.e2e.stack import Stack, client_cli
 from tests.unit.merge.test_grouping import family, write_factors
-
-
-def client_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"LORAFOLD_URL": stack.url, "LORAFOLD_API_KEY": KEYS["tenant-a"],
-           "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "lorafold", "client", *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_plan_apply_submits_the_group_merges(fs_stack: Stack, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lorafold.synthetic import write_random_adapter
-from tests.e2e.stack import Stack, assert_problem, upload_dir, wait_job
+from tests.e2e.stack import Stack, assert_problem, client_cli, upload_dir, wait_job
 from tests.unlearn_world import BASE_NAME, facts, jsonl, noise_adapter
 
 VALIDATION = [{"prompt": p, "completion": c} for p, c in facts(["Zorvania", "Quelmar"])]
@@ -98,3 +98,20 @@ def test_bad_tuned_merges_are_refused_and_nothing_is_queued(
         assert_problem(merge({"datasets": [dataset], "extra": 1}), 422,
                        "request_validation_failed")
         assert client.get("/v1/jobs").json()["count"] == jobs
+
+
+def test_the_cli_client_uploads_the_validation_file_and_tunes(
+        fs_stack: Stack, noise_adapters: list[Path], tmp_path: Path) -> None:
+    ids, _ = _setup(fs_stack, noise_adapters)
+    validation = tmp_path / "val.jsonl"
+    validation.write_bytes(jsonl(VALIDATION))
+    done = client_cli(fs_stack, "merge", *ids, "--rank", "4", "--tune-data", str(validation),
+                      "--tune-params", "lambda", "--tune", "3", "--wait")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout[done.stdout.index("{"):])
+    assert job["status"] == "succeeded"
+    tuning = job["result"]["report"]["tuning"]
+    assert tuning["params"] == ["lambda"] and tuning["candidates_evaluated"] <= 3
+    with fs_stack.client() as client:  # the file was uploaded as a data set, and named
+        names = [d["name"] for d in client.get("/v1/datasets").json()["data"]]
+    assert "val (validation)" in names

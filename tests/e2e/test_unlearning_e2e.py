@@ -5,8 +5,6 @@ answered 4xx problem+json with nothing stored and no job queued."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,9 @@ import torch
 from lorafold.synthetic import write_random_adapter
 from tests.e2e.stack import (
     DATASET_LIMIT,
-    KEYS,
     Stack,
     assert_problem,
+    client_cli,
     upload_dir,
     wait_job,
 )
@@ -39,12 +37,6 @@ def _stored(stack: Stack) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def _client_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"LORAFOLD_URL": stack.url, "LORAFOLD_API_KEY": KEYS["tenant-a"],
-           "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "lorafold", "client", *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
-
 
 def test_data_driven_unlearning_with_the_cli_client(stack: Stack, fitting_adapter: Path,
                                                     tmp_path: Path) -> None:
@@ -59,7 +51,7 @@ def test_data_driven_unlearning_with_the_cli_client(stack: Stack, fitting_adapte
         adapter = response.json()["id"]
     (tmp_path / "forget.jsonl").write_bytes(jsonl(FORGET))
     (tmp_path / "holdout.jsonl").write_bytes(jsonl(RETAIN))
-    done = _client_cli(stack, "unlearn", "npo", adapter, "--forget",
+    done = client_cli(stack, "unlearn", "npo", adapter, "--forget",
                        str(tmp_path / "forget.jsonl"), "--holdout",
                        str(tmp_path / "holdout.jsonl"), "--hp", "max_steps=3", "--hp",
                        "lr=1e-3", "--wait", "--timeout", "240")
@@ -71,7 +63,7 @@ def test_data_driven_unlearning_with_the_cli_client(stack: Stack, fitting_adapte
     assert job["params"]["datasets"].keys() == {"forget", "holdout"}
 
     out = tmp_path / "out"
-    got = _client_cli(stack, "download", job["result"]["adapter_id"], "--out", str(out),
+    got = client_cli(stack, "download", job["result"]["adapter_id"], "--out", str(out),
                       "--extract")
     assert got.returncode == 0, got.stderr
     lineage = json.loads((out / "lorafold.json").read_text())
