@@ -75,5 +75,8 @@ def test_outputs_and_command_line(bench: ModuleType, result: dict[str, Any],
     assert (full.m, full.n, full.out_rank) == (4096, 4096, 16)
     assert sorted(t * r for t, r in full.points) == [128, 256, 256, 512, 512, 1024, 1024,
                                                      2048, 4096]
-    with pytest.raises(SystemExit):
-        bench.config_from(bench.parse_args(["--reps", "0"]))
+    assert bench.config_from(bench.parse_args(["--points", "8x256,8x512"])).points == (
+        (8, 256), (8, 512))
+    for bad in (["--reps", "0"], ["--points", "8by256"]):
+        with pytest.raises(SystemExit):
+            bench.config_from(bench.parse_args(bad))
