@@ -74,13 +74,11 @@ def test_gram_route_is_an_orthonormal_qr_like_householder() -> None:
     assert rel_err(r_house * r_house.diagonal().sign().unsqueeze(1), r_gram) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["duplicate_column", "zero_column", "wide", "near_singular"])
+@pytest.mark.parametrize("case", ["duplicate_column", "wide", "near_singular"])
 def test_gram_route_declines_what_it_cannot_do_accurately(case: str) -> None:
     x = gaussian(200, 12, seed=1)
     if case == "duplicate_column":
         x = torch.cat([x, x[:, :3]], dim=1)
-    elif case == "zero_column":
-        x[:, 5] = 0
     elif case == "wide":
         x = gaussian(10, 12, seed=1)
     else:
