@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafold.errors import UnknownMethod
-from lorafold.merge.core_space import core_space, split_core
+from lorafold.merge.core_space import CoreSpace, core_space, split_core
 from lorafold.merge.options import DEFAULT_BETA, DEFAULT_SUBSPACE
 from lorafold.merge.report import SubspaceView
 from lorafold.merge.rules import flatten_spectrum, numerical_rank
@@ -77,12 +77,20 @@ def rescaled_weights(weights: torch.Tensor, norms: torch.Tensor, beta: float) ->
     return torch.where(active, target / torch.where(active, norms, 1.0), 0.0)
 
 
+def ctm_subspaces(space: CoreSpace, weights: torch.Tensor, rank: int, beta: float,
+                  mode: str, norms: torch.Tensor | None = None) -> Subspaces:
+    """CtM's shared rank-r subspaces of the β-rescaled cores: what every ctm merge of these
+    inputs at this β and these weights' magnitudes shares (tuned merges cache it)."""
+    norms = space.core_norms() if norms is None else norms
+    rank = min(rank, space.left.dim, space.right.dim)
+    return shared_subspaces(space.factor_stack(rescaled_weights(weights, norms, beta)), rank,
+                            mode)
+
+
 def merge_ctm(inp: MethodInput) -> MethodOutput:
     space = core_space(inp.factors)
     norms = space.core_norms()
-    rank = min(inp.rank, space.left.dim, space.right.dim)
-    found = shared_subspaces(space.factor_stack(rescaled_weights(inp.weights, norms, inp.beta)),
-                             rank, inp.subspace)
+    found = ctm_subspaces(space, inp.weights, inp.rank, inp.beta, inp.subspace, norms)
     coordinates = space.coordinates(found.p, found.q)
     merged = inp.rule(coordinates, inp.weights)
     b_small, a_small = split_core(merged, flat=inp.flat_spectrum)

@@ -22,10 +22,9 @@ import torch
 from lorafold.adapters.reader import LoraAdapter, ModuleSpec
 from lorafold.merge.core_space import CoreSpace, core_space, split_core
 from lorafold.merge.executor import module_generator
-from lorafold.merge.methods import MethodInput, rescaled_weights
+from lorafold.merge.methods import MethodInput, ctm_subspaces
 from lorafold.merge.plan import MergePlan, ModulePlan
 from lorafold.merge.rules import RuleParams
-from lorafold.merge.subspaces import shared_subspaces
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -107,10 +106,8 @@ class CandidateSpace:
                 p = torch.eye(space.left.dim, dtype=torch.float64, device=self.device)
                 q = torch.eye(space.right.dim, dtype=torch.float64, device=self.device)
             else:
-                rank = min(self.plan.rank, space.left.dim, space.right.dim)
-                found = shared_subspaces(space.factor_stack(rescaled_weights(
-                    self._weights(module, weights), space.core_norms(), beta)), rank,
-                    self.plan.request.ctm_subspace)
+                found = ctm_subspaces(space, self._weights(module, weights), self.plan.rank,
+                                      beta, self.plan.request.ctm_subspace)
                 p, q = found.p, found.q
             view = LinearView(module.plan.spec, space.left.times(p), space.right.times_t(q.T),
                               space.coordinates(p, q).float(), module.plan.inputs)
