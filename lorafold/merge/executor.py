@@ -5,8 +5,8 @@ Three stages run at once (`pipeline`): a reader thread loads the next module's f
 caller's thread merges the current module, and a writer thread hands the previous module's
 output to the sink (e.g. `AdapterWriter.add`, which writes it to disk). Each stage is at
 most one module ahead of the next, so memory is bounded by the inputs of two modules (the
-one merging, the one read ahead) plus the outputs of two (one waiting, one being written):
-never the whole model. Without a sink the outputs are returned (and held) instead.
+one merging, the one read ahead) plus the outputs of three (one being written, one queued,
+one just merged): never the whole model. Without a sink the outputs are returned (and held) instead.
 
 Between modules the executor reports progress and calls the cancellation checkpoint; on
 any error or cancellation both threads stop, and the caller's writer discards its staging

@@ -56,6 +56,6 @@ def test_memory_bound_by_hand(bench: ModuleType) -> None:
     bound = bench.memory_bound(cfg, baseline_rss=1000)
     widest = 896 + 256                           # gate/up: 896×256
     assert bound["two_modules_inputs"] == 2 * 2 * 4 * widest * (2 + 4)
-    assert bound["two_modules_outputs"] == 2 * 4 * widest * 4
-    assert bound["limit"] == 1000 + bound["two_modules_inputs"] + bound["two_modules_outputs"]
+    assert bound["three_modules_outputs"] == 3 * 4 * widest * 4
+    assert bound["limit"] == 1000 + bound["two_modules_inputs"] + bound["three_modules_outputs"]
 
