@@ -3,8 +3,9 @@
 T = 8 random rank-16 bf16 PEFT adapters with Llama-2/3-70B module shapes (80 layers, hidden
 8192, MLP 28672, grouped-query k/v 8192→1024; ~3.3 GB of factors in all) are written to a
 temporary directory (deleted at the end), then merged with `merge_adapters` (ctm, rule ta,
-rank 16) in a fresh process, which reports its wall time and peak RSS (`getrusage`'s
-ru_maxrss, the kernel's high-water mark). The floor beside it: the inputs read the way the
+rank 16) in a fresh process, which reports its wall time and peak RSS (VmHWM, the kernel's
+high-water mark of its address space; not getrusage's ru_maxrss, which a child started with
+fork + exec inherits from its parent). The floor beside it: the inputs read the way the
 merge reads them + CtM's flops at the best fp32 GEMM rate measured just before and after
 (as bench/merge_speed.py computes it).
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from machine import machine_info
-from merge_speed import BenchConfig, ctm_flops, gemm_gflops, read_seconds
+from merge_speed import BenchConfig, ctm_flops, gemm_gflops, proc_status, read_seconds
 
 from lorafold.synthetic import write_random_adapter
 
@@ -92,13 +92,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from lorafold.merge import MergeRequest, merge_adapters
 
     torch.set_num_threads(int(spec["threads"]))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = proc_status()["VmRSS"]
     request = MergeRequest(method="ctm", rule="ta", rank=int(spec["rank"]))
     started = time.perf_counter()
     result = merge_adapters([Path(d) for d in spec["dirs"]], Path(spec["out"]), request,
                             device="cpu")
     wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status()["VmHWM"]
     return {"wall_s": wall, "baseline_rss": baseline, "peak_rss": peak,
             "modules": len(result.report["modules"]),
             "output_bytes": (Path(spec["out"]) / "adapter_model.safetensors").stat().st_size}
