@@ -1,6 +1,7 @@
 """Run a merge plan module by module, with reading and writing overlapped with compute.
 
-Three stages run at once (`pipeline`): a reader thread loads the next module's factors
+Three stages run at once (`pipeline`) where there is a core for each: a reader thread
+loads the next module's factors
 (plain reads, the inputs' sha256 on the way, the NaN/Inf check, the float32 upcast), the
 caller's thread merges the current module, and a writer thread hands the previous module's
 output to the sink (e.g. `AdapterWriter.add`, which writes it to disk). Each stage is at
@@ -18,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,12 +123,45 @@ def _merge_module(plan: MergePlan, module: ModulePlan, factors: Factors,
     return merged, report, found
 
 
+def default_read_ahead(device: torch.device) -> int:
+    """1 (reader and writer threads) when a core is left over for them, else 0 (read and
+    write in turn).
+
+    A CPU merge whose torch threads take every core gains nothing from helper threads and
+    loses to them: they take a core from the merge's OpenMP team, whose every barrier then
+    waits (measured on 2 cores, 32 Llama-7B layers: a reader thread made the merge 1.1–1.35×
+    slower end to end). A GPU merge, or a worker given fewer threads than cores, leaves
+    one free.
+    """
+    if device.type != "cpu":
+        return 1
+    return 1 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
+
+
+def _read_in_turn(modules: Sequence[ModulePlan], adapters: Sequence[LoraAdapter],
+                  device: torch.device) -> Iterator[LoadedInputs]:
+    for module in modules:
+        yield load_factors(module, adapters, device)
+
+
+class _InTurn:
+    """`WriteBehind`'s calls, done at once in the caller's thread."""
+
+    def __init__(self, consume: Sink) -> None:
+        self.put = consume
+
+    def finish(self) -> None:
+        pass
+
+
 def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: torch.device,
                   progress: Progress | None = None, checkpoint: Checkpoint | None = None,
-                  sink: Sink | None = None, read_ahead: int = 1) -> MergeOutput:
+                  sink: Sink | None = None, read_ahead: int | None = None) -> MergeOutput:
     """Merge every module of `plan`; outputs go to `sink` (in plan order) or, without
-    one, into the result. `read_ahead`: modules the reader may be ahead (memory: one
-    module's inputs each)."""
+    one, into the result. `read_ahead`: modules a reader thread may be ahead (memory: one
+    module's inputs each); 0 reads each module in turn; None: `default_read_ahead`."""
+    if read_ahead is None:
+        read_ahead = default_read_ahead(device)
     kept: list[MergedModule] = []
     per_module: dict[str, dict[str, dict[str, float]]] = {}
     subspaces: dict[str, Subspaces] = {}
@@ -134,11 +169,13 @@ def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: t
     with contextlib.ExitStack() as stack:
         if device.type == "cpu":
             stack.enter_context(adaptive_threads())
-        writer = stack.enter_context(WriteBehind(sink if sink is not None else kept.append,
-                                                 name="merge-writer"))
-        reader = stack.enter_context(Prefetch(
-            plan.modules, lambda m: load_factors(m, adapters, device), depth=read_ahead,
-            name="merge-reader"))
+        consume = sink if sink is not None else kept.append
+        writer: WriteBehind[MergedModule] | _InTurn = _InTurn(consume) if read_ahead == 0 \
+            else stack.enter_context(WriteBehind(consume, name="merge-writer"))
+        reader: Iterable[LoadedInputs] = _read_in_turn(plan.modules, adapters, device) \
+            if read_ahead == 0 else stack.enter_context(Prefetch(
+                plan.modules, lambda m: load_factors(m, adapters, device), depth=read_ahead,
+                name="merge-reader"))
         for done, (module, loaded) in enumerate(zip(plan.modules, reader, strict=True)):
             if checkpoint is not None:
                 checkpoint()

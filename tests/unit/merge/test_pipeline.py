@@ -4,6 +4,7 @@ stopping cleanly — first the two stages on their own, then in a real merge."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_a_merge_reads_at_most_two_modules_ahead_of_the_one_it_finished(
 
     try:
         merge_adapters(adapters, tmp_path / "out", MergeRequest(rank=4), device="cpu",
-                       progress=progress)
+                       progress=progress, read_ahead=1)
     finally:
         for adapter in adapters:
             adapter.close()
@@ -146,8 +147,9 @@ def staging_left(tmp_path: Path) -> list[str]:
     return [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.parametrize("read_ahead", [0, 1], ids=["in-turn", "threads"])
 def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
-        inputs: list[Path], tmp_path: Path) -> None:
+        inputs: list[Path], tmp_path: Path, read_ahead: int) -> None:
     calls = {"n": 0}
     fractions: list[float] = []
 
@@ -158,7 +160,7 @@ def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
 
     with pytest.raises(JobCancelled):
         merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
-                       checkpoint=checkpoint,
+                       checkpoint=checkpoint, read_ahead=read_ahead,
                        progress=lambda stage, f: fractions.append(f) if stage == "merge"
                        else None)
     assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
@@ -166,14 +168,16 @@ def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
     assert helper_threads() == []
 
 
+@pytest.mark.parametrize("read_ahead", [0, 1], ids=["in-turn", "threads"])
 def test_a_broken_module_late_in_an_input_fails_the_merge_with_nothing_written(
-        inputs: list[Path], tmp_path: Path) -> None:
+        inputs: list[Path], tmp_path: Path, read_ahead: int) -> None:
     last = sorted(SHAPES)[-1]
     tensors = load_file(str(weights(inputs[1])))
     tensors[f"base_model.model.{last}.lora_A.weight"][0, 0] = float("nan")
     save_file(tensors, str(weights(inputs[1])))
     with pytest.raises(InvalidAdapter) as caught:
-        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu")
+        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
+                       read_ahead=read_ahead)
     assert caught.value.code == "non_finite" and last in caught.value.message
     assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
     assert helper_threads() == []
@@ -187,3 +191,16 @@ def test_the_lineage_records_the_inputs_true_sha256(inputs: list[Path],
     with open_adapter(result.out_dir) as written:   # and the header's copy is the same
         assert '"sha256": "' + result.lineage["inputs"][0]["sha256"] in \
             written.metadata["lorafold.lineage"]
+
+
+def test_helper_threads_only_where_a_core_is_left_for_them() -> None:
+    from lorafold.merge.executor import default_read_ahead
+    from lorafold.merge.threads import torch_threads
+
+    cores = os.cpu_count() or 1
+    with torch_threads(cores):
+        assert default_read_ahead(torch.device("cpu")) == 0
+    if cores > 1:
+        with torch_threads(cores - 1):
+            assert default_read_ahead(torch.device("cpu")) == 1
+    assert default_read_ahead(torch.device("cuda")) == 1

@@ -79,6 +79,7 @@ def test_a_merge_drops_each_modules_tensors_after_it(tmp_path: Path,
         return out
 
     monkeypatch.setitem(merge_methods.METHODS, "ctm", replace(real, fn=recording))
-    merge_adapters(inputs, tmp_path / "out", MergeRequest(method="ctm", rank=3), device="cpu")
+    merge_adapters(inputs, tmp_path / "out", MergeRequest(method="ctm", rank=3), device="cpu",
+                   read_ahead=1)    # with the reader and writer threads (a GPU merge's way)
     assert len(alive_per_module) == len(shapes)
     assert max(alive_per_module) <= 2, alive_per_module   # the previous module, at most
