@@ -11,6 +11,11 @@ nothing listens: it must fail fast with a clear connection error (checked), and 
 to that error is what a user waits for before any network round trip.
 
 Target (the issue): `lorafold client list` within 0.3 s of `python -c "import httpx"`.
+
+`lorafold merge (small)` merges three tiny adapters (two 64×48 modules, rank 4) written to
+a temporary directory: the start-up a pipeline pays per offline merge. With
+`--baseline-tree DIR` every command also runs from another checkout (PYTHONPATH=DIR, e.g.
+the main branch), interleaved with this one, so before/after are measured side by side.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +41,6 @@ FLOOR = "import httpx"
 CLIENT = "lorafold client list"
 
 
-@dataclass(frozen=True)
-class Command:
-    name: str
-    argv: list[str]
-    expect_rc: int
-    expect_stderr: str = ""   # a phrase the command must print on stderr
-
-
 def free_port() -> int:
     """A local port nobody listens on (bound once by us, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -50,7 +48,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def commands(port: int) -> list[Command]:
+@dataclass(frozen=True)
+class Command:
+    name: str
+    argv: list[str]
+    expect_rc: int
+    expect_stderr: str = ""   # a phrase the command must print on stderr
+    tree: str | None = None   # PYTHONPATH to run it with (None: as this process has it)
+
+
+TREE = str(Path(__file__).resolve().parents[1])
+MERGE_SHAPES = {"model.layers.0.self_attn.q_proj": (64, 48), "model.layers.0.mlp.up_proj": (64, 48)}
+
+
+def small_inputs(root: Path) -> list[str]:
+    from lorafold.synthetic import write_random_adapter
+
+    return [str(write_random_adapter(root / f"a{i}", MERGE_SHAPES, rank=4, seed=i))
+            for i in range(3)]
+
+
+def commands(port: int, inputs: list[str], out: Path) -> list[Command]:
     py = sys.executable
     return [
         Command("python -c pass", [py, "-c", "pass"], 0),
@@ -59,11 +77,27 @@ def commands(port: int) -> list[Command]:
                          "--api-key", "bench", "list"], 2, "error: unreachable: cannot reach"),
         Command("lorafold --help", [py, "-m", "lorafold", "--help"], 0),
         Command("lorafold merge --help", [py, "-m", "lorafold", "merge", "--help"], 0),
+        Command("lorafold merge (small)", [py, "-m", "lorafold", "merge", *inputs, "--rank",
+                                           "4", "--out", str(out), "--quiet"], 0),
     ]
+
+
+def with_baseline(todo: list[Command], tree: str | None) -> list[Command]:
+    """Each lorafold command twice: from this tree and from `tree` (labelled)."""
+    if tree is None:
+        return todo
+    out = []
+    for c in todo:
+        out.append(replace(c, tree=TREE))
+        if "lorafold" in c.name:
+            out.append(replace(c, name=f"{c.name} [baseline]", tree=tree))
+    return out
 
 
 def run_once(command: Command, env: dict[str, str]) -> tuple[float, str]:
     """Wall time of one run; the command's last stderr line, after checking its outcome."""
+    if command.tree is not None:
+        env = {**env, "PYTHONPATH": command.tree}
     started = time.perf_counter()
     done = subprocess.run(command.argv, env=env, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
@@ -74,9 +108,15 @@ def run_once(command: Command, env: dict[str, str]) -> tuple[float, str]:
     return elapsed, lines[-1] if lines else ""
 
 
-def measure(runs: int) -> dict[str, Any]:
+def measure(runs: int, baseline_tree: str | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="lorafold-cli-") as tmp:
+        inputs = small_inputs(Path(tmp))
+        return measure_commands(with_baseline(
+            commands(free_port(), inputs, Path(tmp) / "merged"), baseline_tree), runs)
+
+
+def measure_commands(todo: list[Command], runs: int) -> dict[str, Any]:
     env = dict(os.environ)  # --url and --api-key below override LORAFOLD_URL / _API_KEY
-    todo = commands(free_port())
     samples: dict[str, list[float]] = {c.name: [] for c in todo}
     messages: dict[str, str] = {}
     for c in todo:  # warm-up round, not counted
@@ -91,8 +131,8 @@ def measure(runs: int) -> dict[str, Any]:
     for c in todo:
         values = samples[c.name]
         median = statistics.median(values)
-        rows.append({"command": c.name, "argv": [Path(a).name if a == sys.executable else a
-                                                 for a in c.argv],
+        rows.append({"command": c.name, "tree": c.tree,
+                     "argv": [Path(a).name if a == sys.executable else a for a in c.argv],
                      "median_s": round(median, 4), "min_s": round(min(values), 4),
                      "max_s": round(max(values), 4), "over_floor_s": round(median - floor, 4),
                      "samples_s": [round(v, 4) for v in values],
@@ -105,9 +145,9 @@ def measure(runs: int) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'command':<24} {'median':>8} {'min':>8} {'max':>8} {'vs floor':>9}")
+    print(f"{'command':<36} {'median':>8} {'min':>8} {'max':>8} {'vs floor':>9}")
     for row in result["commands"]:
-        print(f"{row['command']:<24} {row['median_s']:>7.3f}s {row['min_s']:>7.3f}s "
+        print(f"{row['command']:<36} {row['median_s']:>7.3f}s {row['min_s']:>7.3f}s "
               f"{row['max_s']:>7.3f}s {row['over_floor_s']:>+8.3f}s")
     target = result["target"]
     print(f"\n{CLIENT}: {target['measured_s']:+.3f}s over the `{FLOOR}` floor "
@@ -123,9 +163,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "cli_startup.json",
                         help="results JSON (default bench/results/cli_startup.json)")
+    parser.add_argument("--baseline-tree", help="also run every lorafold command from this "
+                                                "checkout (PYTHONPATH), interleaved")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    result = measure(args.runs)
+    result = measure(args.runs, args.baseline_tree)
     machine = {**machine_info(torch.get_num_threads(), libraries=("httpx",)),
                "load_average_before": [round(x, 2) for x in load_before],
                "load_average_after": [round(x, 2) for x in os.getloadavg()]}

@@ -7,7 +7,8 @@ torch threads fixed, the script measures
 - CtM end to end: `merge_adapters` (open, read, merge, report, hash, write) on every layer,
   each repetition between two GEMM throughput measurements and after a read of the inputs,
   so that each run is compared with the floor measured around it: read time (page cache
-  warm) + CtM's flop count at the best fp32 GEMM rate; each run is paired with one using
+  warm, one read per tensor as the merge reads) + CtM's flop count at the best fp32 GEMM
+  rate; each run is paired with one using
   HOSVD subspaces instead of HOOI (order alternating), for HOOI's cost end to end;
 - CtM per module on every layer, as the executor runs it: load, `merge_ctm`, merge report,
   and `merge_ctm` with HOSVD subspaces on the same inputs (HOOI's sweeps and cost);
@@ -49,6 +50,8 @@ from machine import machine_info
 
 from lorafold.adapters.config import PEFT_PREFIX
 from lorafold.adapters.reader import LoraAdapter, open_adapter
+from lorafold.adapters.safetensors_header import read_header
+from lorafold.adapters.tensor_file import TensorFile
 from lorafold.merge import MergeRequest, MethodInput, merge_adapters
 from lorafold.merge.executor import report_rows
 from lorafold.merge.methods import DEFAULT_BETA, merge_cat, merge_ctm, merge_mtc
@@ -146,7 +149,28 @@ def gemm_gflops(cfg: BenchConfig) -> dict[str, float]:
 
 
 def read_seconds(paths: Sequence[Path], reps: int) -> float:
-    """Median time to read every file into one reused buffer, after a warming read."""
+    """Median time to read every tensor of every file the way the merge reads them, after a
+    warming read: each tensor's bytes into a fresh tensor, in file order (`TensorFile`,
+    its sha256 given, so no hashing). One huge read into one buffer, as this floor was
+    measured before, ran 4–5× slower here than the kernel's page-cache copies of a few
+    hundred KB at a time (`one_call_read_seconds`): it made the floor too generous."""
+    files = [(path, read_header(path)) for path in paths]
+
+    def read_all() -> None:
+        for path, header in files:
+            tensors = TensorFile(path, header.data_start, sha256="0" * 64)
+            try:
+                for info in sorted(header.tensors.values(), key=lambda t: t.offset):
+                    tensors.read(info)
+            finally:
+                tensors.close()
+
+    read_all()                               # the page cache is warm from here on
+    return median_seconds(read_all, reps)
+
+
+def one_call_read_seconds(paths: Sequence[Path], reps: int) -> float:
+    """Median time to read every file in one call into one reused buffer (the old floor)."""
     sizes = [p.stat().st_size for p in paths]
     view = memoryview(bytearray(max(sizes)))
 
@@ -160,7 +184,7 @@ def read_seconds(paths: Sequence[Path], reps: int) -> float:
                         raise OSError(f"{path}: short read")
                     done += got
 
-    read_all()                               # the page cache is warm from here on
+    read_all()
     return median_seconds(read_all, reps)
 
 
@@ -237,7 +261,8 @@ class FloorRun:
     (seconds, GFLOP/s), with a HOSVD run beside it (the order alternates between runs)."""
 
     e2e_s: float
-    read_s: float
+    read_s: float                   # the inputs read as the merge reads them
+    one_call_read_s: float          # the same bytes in one read per file (the old floor)
     gflops: float                   # best GEMM rate measured just before or just after
     floor_s: float
     ratio: float
@@ -253,6 +278,7 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
     gemms, runs = [gemm_gflops(cfg)], []
     for rep in range(cfg.reps):
         read_s = read_seconds(files, 1)
+        one_call_s = one_call_read_seconds(files, 1)
         seconds = {}
         for mode in (("hooi", "hosvd") if rep % 2 == 0 else ("hosvd", "hooi")):
             _, seconds[mode] = timed(lambda mode=mode: ctm_end_to_end(
@@ -260,7 +286,8 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
         gemms.append(gemm_gflops(cfg))
         best = max(*gemms[-2].values(), *gemms[-1].values())
         floor_s = read_s + flops / (best * 1e9)
-        runs.append(FloorRun(e2e_s=seconds["hooi"], read_s=read_s, gflops=best,
+        runs.append(FloorRun(e2e_s=seconds["hooi"], read_s=read_s, one_call_read_s=one_call_s,
+                             gflops=best,
                              floor_s=floor_s, ratio=seconds["hooi"] / floor_s,
                              hosvd_s=seconds["hosvd"],
                              hooi_over_hosvd=seconds["hooi"] / seconds["hosvd"]))
@@ -591,6 +618,7 @@ def floor_summary(runs: Sequence[FloorRun], gemms: Sequence[Mapping[str, float]]
     return {
         "runs": [asdict(r) for r in runs], "gemm_gflops": list(gemms), "gflops_best": best,
         "read_s": read_s, "read_bytes": read_bytes, "read_gb_per_s": read_bytes / read_s / 1e9,
+        "one_call_read_s": statistics.median(r.one_call_read_s for r in runs),
         "flops": flops, "floor_s": floor_s, "floor_per_layer_s": floor_s / layers,
         "e2e_over_floor": statistics.median(r.ratio for r in runs),
         "hooi_over_hosvd": statistics.median(r.hooi_over_hosvd for r in runs),
@@ -609,7 +637,7 @@ def target(name: str, measured: float | None, threshold: float, *, at_most: bool
 def evaluate_targets(rows: Sequence[ShapeRow], layer: Mapping[str, float | None],
                      e2e_layer_s: float, floor: Mapping[str, Any],
                      rss: Mapping[str, Any], limit: Mapping[str, int]) -> list[dict[str, Any]]:
-    """The issue's targets: ≥100× PEFT-svd, ≤3× the floor, peak RSS within the formula."""
+    """The targets: ≥100× PEFT-svd, ≤2× the floor (issue 14), peak RSS within the formula."""
     worst = min((r.peft_over_ctm for r in rows if r.peft_over_ctm is not None), default=None)
     return [
         target("PEFT-svd / CtM compute, worst shape", worst, 100.0, at_most=False,
@@ -617,7 +645,7 @@ def evaluate_targets(rows: Sequence[ShapeRow], layer: Mapping[str, float | None]
         target("PEFT-svd / CtM end to end, per layer",
                ratio(layer["peft_svd_ms"], e2e_layer_s * 1e3), 100.0, at_most=False,
                note="PEFT's per-layer compute vs merge_adapters wall time per layer"),
-        target("CtM end to end / floor", floor["e2e_over_floor"], 3.0, at_most=True,
+        target("CtM end to end / floor", floor["e2e_over_floor"], 2.0, at_most=True,
                note="median over runs; floor = read + CtM flops at the best GEMM rate "
                     "measured around each run"),
         target("CtM end to end, HOOI / HOSVD", floor["hooi_over_hosvd"], 1.3, at_most=True,
@@ -678,7 +706,9 @@ def render(result: Mapping[str, Any]) -> str:
     rates = ", ".join(f"{r['gflops']:.0f}" for r in floor["runs"])
     ratios = ", ".join(f"{r['ratio']:.2f}" for r in floor["runs"])
     lines.append(f"floor: read {floor['read_bytes'] / MB:.1f} MB in {floor['read_s'] * 1e3:.1f} "
-                 f"ms ({floor['read_gb_per_s']:.2f} GB/s, page cache warm) + "
+                 f"ms ({floor['read_gb_per_s']:.2f} GB/s, page cache warm, read as the merge "
+                 f"reads: one read per tensor; one read per file took "
+                 f"{floor['one_call_read_s'] * 1e3:.1f} ms) + "
                  f"{floor['flops'] / 1e9:.1f} GFLOP at the best GEMM rate around each run "
                  f"({rates} GFLOP/s) = "
                  f"{floor['floor_s'] * 1e3:.0f} ms ({floor['floor_per_layer_s'] * 1e3:.1f} "

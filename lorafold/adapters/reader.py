@@ -164,7 +164,7 @@ class LoraAdapter:
     """An opened, validated adapter. Use as a context manager, or call `close()`."""
 
     def __init__(self, source: AdapterSource, *, header_limit: int = DEFAULT_HEADER_LIMIT,
-                 label: str | None = None) -> None:
+                 label: str | None = None, sha256: str | None = None) -> None:
         self._source = source
         try:
             self.directory = source.directory
@@ -190,7 +190,7 @@ class LoraAdapter:
             self.modules: dict[str, ModuleSpec] = _module_specs(header.tensors, self.config)
             self.size_bytes = self.weights_path.stat().st_size
             try:
-                self._file = TensorFile(self.weights_path, header.data_start)
+                self._file = TensorFile(self.weights_path, header.data_start, sha256=sha256)
             except OSError as e:
                 raise InvalidAdapter(f"adapter_model.safetensors: {e}",
                                      code="malformed_safetensors") from e
@@ -200,7 +200,8 @@ class LoraAdapter:
 
     @property
     def sha256(self) -> str:
-        """sha256 of adapter_model.safetensors, mostly from the bytes `load` already read."""
+        """sha256 of adapter_model.safetensors: as given when opened (already verified), else
+        mostly from the bytes `load` already read."""
         return self._file.sha256()
 
     @property
@@ -269,6 +270,11 @@ class LoraAdapter:
 
 
 def open_adapter(source: Path | str | bytes, *, header_limit: int = DEFAULT_HEADER_LIMIT,
-                 label: str | None = None) -> LoraAdapter:
-    """Open and validate (structure only) an adapter from a dir, archive path or bytes."""
-    return LoraAdapter(resolve_source(source), header_limit=header_limit, label=label)
+                 label: str | None = None, sha256: str | None = None) -> LoraAdapter:
+    """Open and validate (structure only) an adapter from a dir, archive path or bytes.
+
+    `sha256`: the weights file's digest, when the caller has already verified it (the
+    service, which checks every download); the adapter then never hashes the file itself.
+    """
+    return LoraAdapter(resolve_source(source), header_limit=header_limit, label=label,
+                       sha256=sha256)

@@ -9,6 +9,8 @@ module's inputs at a time.
 The file's sha256 (needed for lineage) comes from the same bytes: a merge reads modules in
 sorted order, which is the order safetensors stores them in, so each read usually starts
 where the digest stopped. Whatever was skipped is read again when the digest is asked for.
+A caller that already verified the file's sha256 (the service checks every blob it
+downloads) passes it in, and nothing is hashed again.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def all_finite(tensor: torch.Tensor) -> bool:
 class TensorFile:
     """An open safetensors file: `read` copies one tensor out, `sha256` digests the file."""
 
-    def __init__(self, path: Path, data_start: int) -> None:
+    def __init__(self, path: Path, data_start: int, *, sha256: str | None = None) -> None:
         self.path = path
         self._file = path.open("rb", buffering=0)
         self._digest = hashlib.sha256()
         self._hashed = 0                 # bytes [0, _hashed) are in the digest
-        self._hex: str | None = None
-        self._digest_up_to(data_start)   # the header
+        self._hex: str | None = sha256   # known: verified by whoever fetched the file
+        if self._hex is None:
+            self._digest_up_to(data_start)   # the header
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """A fresh tensor holding `info`'s bytes (little-endian, as safetensors stores them)."""

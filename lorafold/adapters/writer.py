@@ -4,24 +4,30 @@ Output adapters have one rank everywhere: ``r = lora_alpha = rank`` (scale 1),
 ``use_rslora = false`` and no patterns; modules whose merge came out at a lower rank are
 padded with zero rows/columns, which leaves their delta unchanged. The directory is built
 beside the destination and renamed into place, so a reader never sees half an adapter.
+
+`AdapterWriter` streams: each module's factors go to disk as the merge finishes them
+(`safetensors_writer`), so the writer holds no more than the module in hand; the config,
+lineage and report are written when the last module is in.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lorafold.adapters.config import LoraSettings, union_target_modules
 from lorafold.adapters.reader import ModuleSpec
+from lorafold.adapters.safetensors_writer import SafetensorsWriter, entry_bytes
 from lorafold.adapters.source import CONFIG_NAME, WEIGHTS_NAME
 from lorafold.adapters.tensor_file import all_finite
 from lorafold.errors import IncompatibleAdapters, NumericalError
@@ -118,28 +124,96 @@ def staging_dir(out_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
 
 
-def write_adapter(out_dir: Path, modules: Iterable[MergedModule], *, config: Mapping[str, Any],
-                  lineage: Mapping[str, Any], report: Mapping[str, Any] | None = None,
-                  dtype: torch.dtype = torch.float32) -> Path:
-    """Write a PEFT adapter dir atomically; returns the final path.
+def stored_shapes(spec: ModuleSpec, rank: int) -> dict[str, tuple[int, ...]]:
+    """The stored shapes of a module's two factors at output rank `rank`."""
+    return {spec.b_key: (spec.out_features, rank, *spec.b_shape[2:]),
+            spec.a_key: (rank, *spec.a_shape[1:])}
 
-    The lineage goes into the weights' metadata and `lorafold.json`; the (larger) merge
-    report only into `lorafold.json`.
+
+def header_reserve(specs: Iterable[ModuleSpec], rank: int, dtype: torch.dtype,
+                   lineage: Mapping[str, Any]) -> int:
+    """Header bytes to leave for these modules and a lineage like `lorafold.json`'s: each
+    entry at its longest, the lineage as JSON, and slack for what only the end knows."""
+    shapes = [shape for spec in specs for shape in stored_shapes(spec, rank).items()]
+    total = sum(math.prod(shape) for _, shape in shapes) * dtype.itemsize
+    entries = sum(entry_bytes(key, dtype, shape, total) + 1 for key, shape in shapes)
+    return entries + 2 * len(_lineage_metadata(lineage)) + 4096
+
+
+def _lineage_metadata(lineage: Mapping[str, Any]) -> str:
+    return json.dumps({"format": "pt",
+                       LINEAGE_METADATA_KEY: json.dumps(lineage, sort_keys=True, default=str)})
+
+
+class AdapterWriter:
+    """Write a PEFT adapter dir module by module, atomically: `add` each module, then
+    `finish`. Leaving the context without `finish` (an error, a cancellation) removes
+    everything written; the destination is only replaced by `finish`.
+
+    `reserve`: header bytes to leave (see `header_reserve`); too small only costs a copy.
     """
-    rank = int(config["r"])
-    tensors: dict[str, torch.Tensor] = {}
-    for module in modules:
-        tensors.update(_stored_tensors(module, rank, dtype))
-    staging = staging_dir(out_dir)
-    try:
-        metadata = {"format": "pt",
-                    LINEAGE_METADATA_KEY: json.dumps(lineage, sort_keys=True, default=str)}
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
-        _write_json(staging / CONFIG_NAME, config)
-        _write_json(staging / LINEAGE_NAME,
+
+    def __init__(self, out_dir: Path, *, rank: int, dtype: torch.dtype, reserve: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.dtype = dtype
+        self.written: list[ModuleSpec] = []
+        self._staging = staging_dir(self.out_dir)
+        try:
+            self._weights = SafetensorsWriter(self._staging / WEIGHTS_NAME, reserve=reserve)
+        except BaseException:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+        self._finished = False
+
+    def add(self, module: MergedModule) -> None:
+        """Check, pad and cast one module's factors and write them."""
+        for key, tensor in sorted(_stored_tensors(module, self.rank, self.dtype).items()):
+            self._weights.add(key, tensor)
+        self.written.append(module.spec)
+
+    def finish(self, *, config: Mapping[str, Any], lineage: Mapping[str, Any],
+               report: Mapping[str, Any] | None = None) -> Path:
+        """Write the header, config and `lorafold.json`, then move the dir into place.
+
+        The lineage goes into the weights' metadata and `lorafold.json`; the (larger) merge
+        report only into `lorafold.json`.
+        """
+        if int(config["r"]) != self.rank:
+            raise ValueError(f"config r={config['r']} but the modules were written at "
+                             f"rank {self.rank}")
+        self._weights.finish({"format": "pt",
+                              LINEAGE_METADATA_KEY: json.dumps(lineage, sort_keys=True,
+                                                               default=str)})
+        _write_json(self._staging / CONFIG_NAME, config)
+        _write_json(self._staging / LINEAGE_NAME,
                     {**lineage, "report": report} if report is not None else lineage)
-        publish_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir.resolve()
+        publish_directory(self._staging, self.out_dir)
+        self._finished = True
+        return self.out_dir.resolve()
+
+    def discard(self) -> None:
+        """Remove what was written (nothing once `finish` published it)."""
+        self._weights.close()
+        if not self._finished:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    def __enter__(self) -> AdapterWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.discard()
+
+
+def write_adapter(out_dir: Path, modules: Sequence[MergedModule], *,
+                  config: Mapping[str, Any], lineage: Mapping[str, Any],
+                  report: Mapping[str, Any] | None = None,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Write a PEFT adapter dir atomically from modules in hand; returns the final path."""
+    rank = int(config["r"])
+    reserve = header_reserve((m.spec for m in modules), rank, dtype, lineage)
+    with AdapterWriter(Path(out_dir), rank=rank, dtype=dtype, reserve=reserve) as writer:
+        for module in modules:
+            writer.add(module)
+        return writer.finish(config=config, lineage=lineage, report=report)

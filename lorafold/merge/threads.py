@@ -14,32 +14,84 @@ process, all threads 3.67 s, this policy 1.96 s (one thread throughout: 1.4 s, b
 idle; small ops on one thread and big ops on all: 2.6 s). torch's thread count is
 process-wide: a merge owns it while it runs (lorafold runs one merge per worker process)
 and restores it at the end.
+
+The merge's count is the process's torch count: in the service, cores ÷ workers (the
+launcher sets each worker's). Within it, the current load decides where measuring starts
+and what dense ops get (`available_threads`): those ops (mtc's m×n products and SVDs)
+take seconds, so they are not probed; they take the cores other processes leave free.
+Issue 11 measured mtc on all threads beside one busy process 37× slower than on one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 
+LOAD_WINDOW_S = 60.0                  # the time constant of the 1-minute load average
+
+
+class OwnLoad:
+    """This process's share of the load average: its CPU use (cores' worth), averaged with
+    the kernel's 1-minute time constant, so it can be taken out of `os.getloadavg()`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[], float] = lambda: sum(os.times()[:2])) -> None:
+        self._clock, self._cpu = clock, cpu
+        self._wall, self._used = clock(), cpu()
+        self.rate = 0.0
+
+    def sample(self) -> float:
+        wall, used = self._clock(), self._cpu()
+        if used < self._used:           # a forked child: its CPU time started again at 0
+            self._wall, self._used, self.rate = wall, used, 0.0
+        elapsed = wall - self._wall
+        if elapsed > 0.05:
+            keep = math.exp(-elapsed / LOAD_WINDOW_S)
+            current = (used - self._used) / elapsed
+            self.rate = keep * self.rate + (1.0 - keep) * current
+            self._wall, self._used = wall, used
+        return self.rate
+
+
+_OWN_LOAD = OwnLoad()
+
+
+def available_threads(limit: int, *, load: Callable[[], float] | None = None,
+                      own: Callable[[], float] | None = None,
+                      cores: int | None = None) -> int:
+    """The threads a merge can expect to get now, at most `limit`, at least 1: the cores
+    less the load of other processes (the 1-minute load average less our own share)."""
+    total = cores if cores is not None else (os.cpu_count() or 1)
+    others = (load or (lambda: os.getloadavg()[0]))() - (own or _OWN_LOAD.sample)()
+    return max(1, min(limit, math.floor(total - max(others, 0.0) + 0.5)))
+
 
 @dataclass
 class ThreadChooser:
-    """The thread count for the next op of one kind: the faster recently, probing the other."""
+    """The thread count for the next op of one kind: the faster recently, probing the other.
+
+    It measures `start` first (the count the load suggests), then the other of all
+    threads and one.
+    """
 
     threads: int                      # all threads the merge started with
     probe_every: int = 16             # every n-th op tries the count that is not the best
     smoothing: float = 0.3            # weight of the newest measurement in the rate
     rates: dict[int, float] = field(default_factory=dict)   # thread count -> flop/s
     calls: int = 0
+    start: int | None = None          # the first count to measure (default: all threads)
 
     def choose(self) -> int:
         self.calls += 1
-        for candidate in (self.threads, 1):
+        first = self.threads if self.start is None or self.start > 1 else 1
+        for candidate in (first, self.threads if first == 1 else 1):
             if candidate not in self.rates:
                 return candidate
         best = max(self.rates, key=self.rates.__getitem__)
@@ -60,6 +112,10 @@ class _MergeThreads:
     choosers: dict[str, ThreadChooser]            # per kind of big op, and "small"
     baseline: int = 1                             # threads for the current module's small ops
     big_seconds: float = 0.0                      # time spent inside big ops so far
+    start: int | None = None                      # what the load suggested at the start
+
+    def chooser(self, kind: str) -> ThreadChooser:
+        return self.choosers.setdefault(kind, ThreadChooser(self.threads, start=self.start))
 
 
 @contextlib.contextmanager
@@ -88,7 +144,8 @@ def adaptive_threads(learnt: dict[str, ThreadChooser] | None = None) -> Iterator
     if threads == 1:
         yield
         return
-    token = _ACTIVE.set(_MergeThreads(threads, {} if learnt is None else learnt))
+    token = _ACTIVE.set(_MergeThreads(threads, {} if learnt is None else learnt,
+                                      start=available_threads(threads)))
     try:
         yield
     finally:
@@ -107,7 +164,7 @@ def module_ops() -> Iterator[None]:
     if active is None:
         yield
         return
-    chooser = active.choosers.setdefault("small", ThreadChooser(active.threads))
+    chooser = active.chooser("small")
     active.baseline = chooser.choose()
     torch.set_num_threads(active.baseline)
     big_before, started = active.big_seconds, time.perf_counter()
@@ -129,7 +186,7 @@ def big_op(kind: str, flops: float) -> Iterator[None]:
     if active is None:
         yield
         return
-    chooser = active.choosers.setdefault(kind, ThreadChooser(active.threads))
+    chooser = active.chooser(kind)
     threads = chooser.choose()
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -143,14 +200,15 @@ def big_op(kind: str, flops: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def all_threads() -> Iterator[None]:
-    """Ops that take seconds (dense m×n work): all threads, no measuring. A probe on one
-    thread would cost seconds, and barrier waits matter little in ops that long."""
+def all_threads(available: Callable[[int], int] = available_threads) -> Iterator[None]:
+    """Ops that take seconds (dense m×n work): the merge's threads that the current load
+    leaves free (`available`), no measuring — a probe on one thread would cost seconds,
+    and oversubscribed cores are what makes these ops slow."""
     active = _ACTIVE.get()
     if active is None:
         yield
         return
-    torch.set_num_threads(active.threads)
+    torch.set_num_threads(available(active.threads))
     try:
         yield
     finally:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafold.adapters import LoraAdapter, open_adapter
+from lorafold.adapters.source import WEIGHTS_NAME
 from lorafold.errors import Conflict, JobCancelled, LorafoldError
 from lorafold.jobs import JobRecord
 from lorafold.service.context import ServiceContext
@@ -61,9 +62,13 @@ class JobWork:
 
     def fetch(self, adapter_id: str) -> Path:
         """One of the tenant's adapters, downloaded into the work directory."""
+        return self.fetch_verified(adapter_id)[0]
+
+    def fetch_verified(self, adapter_id: str) -> tuple[Path, dict[str, str]]:
+        """`fetch`, plus each file's sha256 as the download checked it."""
         self.checkpoint()
-        return self.ctx.adapters.fetch_files(self.record.tenant, adapter_id,
-                                             self.work / "inputs" / adapter_id)
+        return self.ctx.adapters.fetch_verified(self.record.tenant, adapter_id,
+                                                self.work / "inputs" / adapter_id)
 
     def open_inputs(self, stack: contextlib.ExitStack) -> list[LoraAdapter]:
         """The job's `inputs` (params), fetched and opened in order (labelled by their ids,
@@ -71,8 +76,9 @@ class JobWork:
         input_ids = [item["id"] for item in self.params["inputs"]]
         adapters = []
         for done, adapter_id in enumerate(input_ids):
-            adapters.append(stack.enter_context(open_adapter(self.fetch(adapter_id),
-                                                             label=adapter_id)))
+            directory, digests = self.fetch_verified(adapter_id)
+            adapters.append(stack.enter_context(open_adapter(  # verified: not hashed again
+                directory, label=adapter_id, sha256=digests.get(WEIGHTS_NAME))))
             self.progress("fetch", (done + 1) / len(input_ids))
         return adapters
 

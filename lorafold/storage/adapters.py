@@ -101,6 +101,12 @@ class AdapterStore:
 
     def fetch_files(self, tenant: str, adapter_id: str, dest_dir: Path) -> Path:
         """Stream the adapter's files into `dest_dir`, checking size and sha256."""
+        return self.fetch_verified(tenant, adapter_id, dest_dir)[0]
+
+    def fetch_verified(self, tenant: str, adapter_id: str,
+                       dest_dir: Path) -> tuple[Path, dict[str, str]]:
+        """`fetch_files`, plus each file's sha256 as checked while it downloaded, so that
+        readers need not hash the files again."""
         manifest = self.get_manifest(tenant, adapter_id)
         dest_dir = Path(dest_dir)
         try:
@@ -110,7 +116,7 @@ class AdapterStore:
         for name, ref in manifest["files"].items():
             layout.check_name(name, "file name")  # never trust a name to stay in dest_dir
             self.blobs.download(ref, dest_dir / name)
-        return dest_dir
+        return dest_dir, {name: str(ref["sha256"]) for name, ref in manifest["files"].items()}
 
     def open_archive(self, tenant: str, adapter_id: str) -> ByteStream:
         """The adapter's archive as a byte stream (opened now, read lazily)."""

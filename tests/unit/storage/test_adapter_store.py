@@ -100,6 +100,9 @@ def test_publish_then_get_list_fetch(store: AdapterStore, adapter: dict[str, Pat
     assert b"".join(store.open_archive("t1", "ad1")) == adapter["archive"].read_bytes()
     assert manifest["archive"]["format"] == "zip"
     assert store.archive_url("t1", "ad1") is None  # filesystem: the API streams instead
+    again, digests = store.fetch_verified("t1", "ad1", tmp_path / "verified")
+    assert digests == {name: hashlib.sha256((again / name).read_bytes()).hexdigest()
+                       for name in FILE_NAMES}    # what the download checked, file by file
 
 
 def test_layout_blobs_and_manifest(store: AdapterStore, fs: FilesystemStorage,
