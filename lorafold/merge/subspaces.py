@@ -52,12 +52,18 @@ HOOI_TOL = 1e-4
 HOOI_MAX_SWEEPS = 100
 # Use LAPACK's partial eigensolver from this size on (on the CPU, for at most half of the
 # eigenpairs): float64, quiet 2 cores, 15 against 90 ms at k = 256, 39 against 108 at 1,024,
-# 222 against 1,026 at 2,048; below 256 both take a few ms. It runs on one BLAS thread:
+# 222 against 1,026 at 2,048; below 256 both take a few ms. Below PARALLEL_EIGH_MIN_DIM it
+# runs on one BLAS thread:
 # its tridiagonalisation is memory-bound, and beside busy processes scipy's OpenBLAS on two
 # threads took 1.8× as long as on one (226 against 123 ms at k = 1,024, load ≈ 4).
 PARTIAL_EIGH_MIN_DIM = 256
 # HOOI's k×R·R×r products in float32 from this many stack entries (k·Tρ) on: 512×512.
 FLOAT32_SWEEP_SIZE = 1 << 18
+
+# From this k the partial solver gets torch's threads: at k = 4,096 two BLAS threads take
+# 2.1 s where one takes 4.9 s (2 cores, quiet), but at k = 1,024 the BLAS threads left
+# spinning slowed the HOOI sweeps after it (T = 64, r = 16: 0.45 s against 0.29 s).
+PARALLEL_EIGH_MIN_DIM = 2048
 
 
 @dataclass(frozen=True)
@@ -92,15 +98,21 @@ class FactorStack:
     def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ X̃_t X̃_tᵀ = L·diag(R_tᵀR_t)·Lᵀ and Σ X̃_tᵀ X̃_t likewise: ρ×ρ blocks, then one
         k×Tρ·Tρ×k GEMM per side (2k²R flops, where T separate products cost as much in
-        many small calls)."""
-        lb = self.left.T.reshape(self.count, -1, self.left.shape[0])      # T×ρ×k_B
-        rb = self.right.T.reshape(self.count, -1, self.right.shape[0])    # T×ρ×k_A
+        many small calls). From FLOAT32_SWEEP_SIZE stack entries on they are formed in
+        float32, as HOOI's products are (k = R = 4,096: 2.3 s against 3.7 s in float64);
+        the result, and the eigensolver after it, stay float64."""
+        dtype = self.left.dtype
+        big = self.left.numel() >= FLOAT32_SWEEP_SIZE   # as HOOI's products: float32
+        left_f = self.left.float() if big else self.left
+        right_f = self.right.float() if big else self.right
+        lb = left_f.T.reshape(self.count, -1, left_f.shape[0])      # T×ρ×k_B
+        rb = right_f.T.reshape(self.count, -1, right_f.shape[0])    # T×ρ×k_A
         inner_l, inner_r = lb @ lb.transpose(1, 2), rb @ rb.transpose(1, 2)
         with big_op("stack_gram", 2.0 * self.left.shape[1] * (
                 self.left.shape[0] ** 2 + self.right.shape[0] ** 2)):
-            left = (inner_r @ lb).flatten(0, 1).T @ self.left.T
-            right = (inner_l @ rb).flatten(0, 1).T @ self.right.T
-        return (left + left.T) / 2, (right + right.T) / 2
+            left = (inner_r @ lb).flatten(0, 1).T @ left_f.T
+            right = (inner_l @ rb).flatten(0, 1).T @ right_f.T
+        return ((left + left.T) / 2).to(dtype), ((right + right.T) / 2).to(dtype)
 
     def energies(self) -> torch.Tensor:
         """‖X̃_t‖²_F = ⟨L_tᵀL_t, R_tᵀR_t⟩ for each t: ρ×ρ products, batched."""
@@ -130,7 +142,8 @@ def top_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
             values, vectors = torch.linalg.eigh(gram)
         return values[-rank:].flip(0), vectors[:, -rank:].flip(1)
     from scipy.linalg import eigh
-    with _blas_threads().limit(limits=1, user_api="blas"):
+    threads = torch.get_num_threads() if size >= PARALLEL_EIGH_MIN_DIM else 1
+    with _blas_threads().limit(limits=threads, user_api="blas"):
         values, vectors = eigh(gram.numpy(), subset_by_index=(size - rank, size - 1),
                                driver="evr", check_finite=False)
     return (torch.from_numpy(values.copy()).to(gram.dtype).flip(0),
