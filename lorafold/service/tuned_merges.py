@@ -16,16 +16,15 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafold.errors import InvalidDataset, InvalidRequest, ModelNotFound
+from lorafold.errors import InvalidDataset, InvalidRequest
 from lorafold.merge.plan import MergeRequest, check_request
 from lorafold.service.attempts import JobWork
 from lorafold.service.context import ServiceContext
 from lorafold.service.datasets import load_dataset
 from lorafold.service.joblog import JobLogger
-from lorafold.service.unlearning import check_fit, locate_base_model
+from lorafold.service.unlearning import check_fits_base_model, locate_base_model
 from lorafold.tune.options import TuneRequest, check_tune_request, resolve_params
 
 if TYPE_CHECKING:
@@ -87,16 +86,7 @@ def plan_tune(ctx: ServiceContext, tenant: str, spec: TuneSpec, request: MergeRe
             raise InvalidDataset(f"data set {dataset_id} holds no records",
                                  code="empty_dataset")
     base_name = _base_model_name(spec, manifests)
-    try:
-        model_dir: Path | None = locate_base_model(ctx.settings, base_name,
-                                                   allow_download=False)
-    except ModelNotFound:
-        if not ctx.settings.allow_model_download:
-            raise
-        model_dir = None  # the worker downloads it; the fit is checked there
-    if model_dir is not None:
-        for manifest in manifests:
-            check_fit(ctx, manifest, model_dir)
+    check_fits_base_model(ctx, base_name, manifests)
     return {"datasets": list(spec.datasets), "base_model": base_name,
             "request": {**tune.to_dict(), "params": list(params)}}
 

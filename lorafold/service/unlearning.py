@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,21 +189,27 @@ def _plan_data(ctx: ServiceContext, tenant: str, spec: UnlearnSpec,
     for dataset_id in datasets.values():
         if dataset_id is not None:
             ctx.datasets.get_manifest(tenant, dataset_id)
-    try:
-        model_dir: Path | None = locate_base_model(ctx.settings, base_name,
-                                                   allow_download=False)
-    except ModelNotFound:
-        if not ctx.settings.allow_model_download:
-            raise
-        model_dir = None  # the worker downloads it; the fit is checked there
-    if model_dir is not None:
-        check_fit(ctx, manifest, model_dir)
+    check_fits_base_model(ctx, base_name, [manifest])
     return {"method": spec.method, "adapter": spec.adapter, "base_model": base_name,
             "datasets": {role: i for role, i in datasets.items() if i is not None},
             "hyperparams": dataclasses.asdict(hyperparams)}
 
 
-def check_fit(ctx: ServiceContext, manifest: Mapping[str, Any], model_dir: Path) -> None:
+def check_fits_base_model(ctx: ServiceContext, base_name: str,
+                          manifests: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse, before queuing, a base model found nowhere (unless a worker may download it:
+    then the worker checks the fit) or an adapter that does not fit it."""
+    try:
+        model_dir = locate_base_model(ctx.settings, base_name, allow_download=False)
+    except ModelNotFound:
+        if not ctx.settings.allow_model_download:
+            raise
+        return  # the worker downloads it; the fit is checked there
+    for manifest in manifests:
+        _check_fit(ctx, manifest, model_dir)
+
+
+def _check_fit(ctx: ServiceContext, manifest: Mapping[str, Any], model_dir: Path) -> None:
     """Refuse an adapter whose modules do not exist, or differ in shape, in the base model."""
     try:
         with tempfile.TemporaryDirectory(prefix="fit-", dir=ctx.spool_dir) as tmp:
