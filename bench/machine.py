@@ -1,11 +1,16 @@
-"""What machine a benchmark ran on, recorded beside its results (shared by the scripts)."""
+"""What machine a benchmark ran on and how it was run, recorded beside its results (shared
+by the scripts)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import shlex
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,3 +34,14 @@ def machine_info(threads: int, libraries: Sequence[str] = ("transformers", "peft
         with contextlib.suppress(ImportError):
             info[name] = __import__(name).__version__
     return info
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces this run (`argv` as `main` got it; None: sys.argv)."""
+    return shlex.join([sys.executable, *(sys.argv if argv is None else [script, *argv])])
+
+
+def write_json(result: Any, out: Path) -> None:
+    """A benchmark's result as indented JSON, its folder made if need be."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import machine_info
+from machine import command_line, machine_info, write_json
 from merge_speed import BenchConfig, ctm_flops, gemm_gflops, proc_status, read_seconds
 
 from lorafold.synthetic import write_random_adapter
@@ -204,13 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cfg = QUICK if args.quick else ScaleConfig()
     cfg = replace(cfg, **{k: v for k, v in (("layers", args.layers), ("threads", args.threads))
                           if v is not None})
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     result = run_benchmark(cfg, command, args.workdir, max(1, args.reps))
     print(render(result))
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(result, out)
         print(f"wrote {out}")
     return result
 

@@ -33,7 +33,6 @@ import inspect
 import json
 import logging
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from machine import machine_info
+from machine import command_line, machine_info, write_json
 
 from lorafold.adapters.config import PEFT_PREFIX
 from lorafold.adapters.reader import LoraAdapter, open_adapter
@@ -887,14 +886,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores before the run: "
               "other processes will slow parts of it unevenly", file=sys.stderr)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     with quiet_libraries():
         result = run_benchmark(cfg, command)
     print(render(result))
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(result, out)
         print(f"wrote {out}")
     return result
 

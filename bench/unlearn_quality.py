@@ -36,12 +36,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -50,7 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from machine import machine_info
+from machine import command_line, machine_info, write_json
 from scipy.stats import ks_2samp
 from unlearn_world import World, WorldSpec, build_world, load_base, train_adapter
 
@@ -595,15 +592,14 @@ def quiet_libraries() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = config_from(args)
-    command = shlex.join([sys.executable, *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     with quiet_libraries():
         result = run_benchmark(cfg, command)
     report = render(result)
     print(report)
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(result, out)
         out.with_suffix(".md").write_text(f"# Unlearning quality\n\n{report}\n",
                                           encoding="utf-8")
         print(f"wrote {out} and {out.with_suffix('.md')}")
