@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -154,7 +155,14 @@ async def receive_upload(request: Request, *, spool: UploadSpool, budget: ByteBu
     return budget.used
 
 
-async def receive_file(request: Request, *, sink: SpooledFile, budget: ByteBudget,
+class Sink(Protocol):
+    """Where `receive_file` writes a body: a spooled file, or memory."""
+
+    def write(self, chunk: bytes) -> object: ...
+    def close(self) -> None: ...
+
+
+async def receive_file(request: Request, *, sink: Sink, budget: ByteBudget,
                        drain_limit: int) -> int:
     """Stream a raw (non-multipart) body into `sink`; returns the number of bytes read."""
     declared = _declared_length(request)
@@ -177,19 +185,21 @@ async def receive_file(request: Request, *, sink: SpooledFile, budget: ByteBudge
     return budget.used
 
 
+class _MemorySink:
+    """A `receive_file` sink that keeps a small body in memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def close(self) -> None:
+        pass
+
+
 async def receive_small_body(request: Request, *, limit: int) -> bytes:
     """A small body (an import request's JSON) in memory, refused past `limit` bytes."""
-    declared = _declared_length(request)
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"the body ({declared} bytes) exceeds the limit of {limit} "
-                              "bytes", limit=limit)
-    budget = ByteBudget(limit)
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            budget.add(len(chunk))
-            body += chunk
-    except ClientDisconnect as e:
-        raise InvalidRequest("the client closed the connection during the request",
-                             code="upload_incomplete") from e
-    return bytes(body)
+    sink = _MemorySink()
+    await receive_file(request, sink=sink, budget=ByteBudget(limit), drain_limit=0)
+    return bytes(sink.data)
