@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.merge.gram import gram_matrix
 from lorafold.merge.rules import flatten_spectrum, numerical_rank
 from lorafold.merge.subspaces import FactorStack, top_eigh
 from lorafold.merge.threads import big_op
@@ -122,15 +123,17 @@ def _gram_cholesky(x: torch.Tensor, dtype: torch.dtype) -> _Cholesky | None:
     come out finite or lost a non-zero column to underflow."""
     xd = x.to(dtype)
     with big_op("gram", 2.0 * x.shape[0] * x.shape[1] ** 2):
-        gram = (xd.T @ xd).to(torch.float64)
+        gram = gram_matrix(xd).to(torch.float64)
     squares = gram.diagonal()
     if not bool(torch.isfinite(squares).all()):
         return None
     kept = torch.nonzero(squares > 0).squeeze(1)
-    if kept.numel() < x.shape[1] and bool(x[:, squares <= 0].any()):
+    every = kept.numel() == x.shape[1]
+    if not every and bool(x[:, squares <= 0].any()):
         return None
     norms = squares[kept].sqrt()
-    scaled = gram[kept][:, kept] / torch.outer(norms, norms)
+    scaled = gram if every else gram[kept][:, kept]          # our own copy: scaled in place
+    scaled.div_(norms.unsqueeze(0)).div_(norms.unsqueeze(1))
     lower, info = torch.linalg.cholesky_ex(scaled)
     if int(info) != 0:
         return _Cholesky(None, norms, kept, float("inf"))
@@ -142,10 +145,11 @@ def _from_cholesky(x: torch.Tensor, chol: _Cholesky, dtype: torch.dtype,
                    ) -> tuple[Basis, torch.Tensor]:
     assert chol.upper is not None
     r_kept = chol.upper * chol.norms          # R of the kept columns, unscaled
+    if chol.kept.numel() == x.shape[1]:
+        return Basis(x=x.to(dtype), r=r_kept, size=x.shape[0]), r_kept
     r = r_kept.new_zeros(r_kept.shape[0], x.shape[1])
     r[:, chol.kept] = r_kept
-    columns = x if chol.kept.numel() == x.shape[1] else x[:, chol.kept]
-    return Basis(x=columns.to(dtype), r=r_kept, size=x.shape[0]), r
+    return Basis(x=x[:, chol.kept].to(dtype), r=r_kept, size=x.shape[0]), r
 
 
 def gram_qr(x: torch.Tensor, max_condition: float = MAX_GRAM_CONDITION,
@@ -215,11 +219,15 @@ class CoreSpace:
         """The stack of c_t·K_t as factors (c_t R_B^(t), R_A^(t)) padded to a common width,
         for `subspaces`."""
         width = max(s.stop - s.start for s in self.blocks)
+        scale = c.to(self.r_b.dtype)
+        if width * len(self.blocks) == self.r_b.shape[1]:       # equal ranks: no padding
+            return FactorStack(left=self.r_b * scale[self.owner], right=self.r_a,
+                               count=len(self.blocks))
         left = self.r_b.new_zeros(self.r_b.shape[0], len(self.blocks) * width)
         right = self.r_a.new_zeros(self.r_a.shape[0], len(self.blocks) * width)
         for t, s in enumerate(self.blocks):
             columns = slice(t * width, t * width + s.stop - s.start)
-            left[:, columns] = self.r_b[:, s] * c[t]
+            left[:, columns] = self.r_b[:, s] * scale[t]
             right[:, columns] = self.r_a[:, s]
         return FactorStack(left=left, right=right, count=len(self.blocks))
 

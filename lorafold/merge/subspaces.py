@@ -25,23 +25,25 @@ deltas alone (up to signs), so entry-wise rules on the r×r coordinates do not d
 how the inputs were factored.
 Everything is k×r or smaller; nothing of size m×n, and no k×k decomposition in a sweep.
 
-Cost at large R (k up to R, or p on the full-space path): the two k×k Grams are one GEMM
-each (2k²R flops), and only their top r eigenvectors are taken, by LAPACK's partial solver
-(tridiagonalisation, then MRRR for r of the k eigenpairs: `top_eigh`), exact to float64
-rounding like the full solver and 2.5–4.5× faster at k = 1,024–2,048 here. The products of
-a sweep (k×R by R×r) run in float32 once the stack is large (`FLOAT32_SWEEP_SIZE`): a sweep
-only has to find a better subspace, and each subspace is re-orthonormalised in float64; a
-sweep that rounding would make lose energy is undone, so E never drops.
+Cost at large R (k up to R, or p on the full-space path): the two k×k Grams are one
+symmetric product each (k²R flops, `FactorStack.grams`), and only their top r eigenvectors
+are taken, by LAPACK's partial solver (tridiagonalisation, then MRRR for r of the k
+eigenpairs: `top_eigh`), as exact as the full solver and 2.5–4.5× faster at k = 1,024–2,048
+here. Once the stack is large (`FLOAT32_SWEEP_SIZE`) the Grams, their eigensolver and the
+products of a sweep (k×R by R×r) run in float32: a sweep only has to find a better
+subspace, and each subspace is re-orthonormalised in float64; a sweep that rounding would
+make lose energy is undone, so E never drops.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from typing import Any
 
 import torch
 
+from lorafold.merge.gram import gram_matrix
 from lorafold.merge.options import DEFAULT_SUBSPACE
 from lorafold.merge.threads import big_op
 
@@ -95,34 +97,67 @@ class FactorStack:
         """The stack of R_tᵀ Q (T×ρ×r)."""
         return (q.T @ self.right).T.reshape(self.count, -1, q.shape[1])
 
-    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Σ X̃_t X̃_tᵀ = L·diag(R_tᵀR_t)·Lᵀ and Σ X̃_tᵀ X̃_t likewise: ρ×ρ blocks, then one
-        k×Tρ·Tρ×k GEMM per side (2k²R flops, where T separate products cost as much in
-        many small calls). From FLOAT32_SWEEP_SIZE stack entries on they are formed in
-        float32, as HOOI's products are (k = R = 4,096: 2.3 s against 3.7 s in float64);
-        the result, and the eigensolver after it, stay float64."""
+    @cached_property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L_1 … L_T]ᵀ and [R_1 … R_T]ᵀ (Tρ×k) laid out row-major, in the precision the
+        large products run in (float32 from FLOAT32_SWEEP_SIZE stack entries on): viewed as
+        T×ρ×k they are the stack of L_tᵀ (R_tᵀ), and Fᵀ·P runs twice as fast as (Pᵀ·F)ᵀ
+        (k = Tρ = 1,024, r = 16, float32: 0.22 against 0.42 ms)."""
+        work = torch.float32 if self.left.numel() >= FLOAT32_SWEEP_SIZE else self.left.dtype
+        return self.left.T.to(work).contiguous(), self.right.T.to(work).contiguous()
+
+    def _row_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        left_rows, right_rows = self.rows
+        return (left_rows.reshape(self.count, -1, left_rows.shape[1]),
+                right_rows.reshape(self.count, -1, right_rows.shape[1]))
+
+    @cached_property
+    def inner(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_tᵀL_t and R_tᵀR_t for each t (T×ρ×ρ, batched, in the stack's dtype): the
+        energies and the Grams are built from them."""
+        lb, rb = self._row_blocks()
         dtype = self.left.dtype
-        big = self.left.numel() >= FLOAT32_SWEEP_SIZE   # as HOOI's products: float32
-        left_f = self.left.float() if big else self.left
-        right_f = self.right.float() if big else self.right
-        lb = left_f.T.reshape(self.count, -1, left_f.shape[0])      # T×ρ×k_B
-        rb = right_f.T.reshape(self.count, -1, right_f.shape[0])    # T×ρ×k_A
-        inner_l, inner_r = lb @ lb.transpose(1, 2), rb @ rb.transpose(1, 2)
-        with big_op("stack_gram", 2.0 * self.left.shape[1] * (
+        return ((lb @ lb.transpose(1, 2)).to(dtype), (rb @ rb.transpose(1, 2)).to(dtype))
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ X̃_t X̃_tᵀ and Σ X̃_tᵀ X̃_t, each one symmetric product (`gram_matrix`).
+
+        With S_t a square root of R_tᵀR_t (S_tᵀS_t = R_tᵀR_t), X̃_t X̃_tᵀ = (L_t S_tᵀ)(L_t S_tᵀ)ᵀ,
+        so the left Gram is YYᵀ for Y = [L_1 S_1ᵀ … L_T S_Tᵀ] (k_B×Tρ), and the right one
+        likewise: k²R flops per side. They are formed, and returned, in the precision of
+        `rows` (k = R = 4,096: float32 2.3 s against 3.7 s in float64); `top_eigh` then
+        solves in that precision too, which loses nothing the Gram's own rounding has not
+        already lost.
+        """
+        lb, rb = self._row_blocks()
+        inner_left, inner_right = self.inner
+        with big_op("stack_gram", self.left.shape[1] * (
                 self.left.shape[0] ** 2 + self.right.shape[0] ** 2)):
-            left = (inner_r @ lb).flatten(0, 1).T @ left_f.T
-            right = (inner_l @ rb).flatten(0, 1).T @ right_f.T
-        return ((left + left.T) / 2).to(dtype), ((right + right.T) / 2).to(dtype)
+            return (gram_matrix((_square_root(inner_right).to(lb.dtype) @ lb).flatten(0, 1)),
+                    gram_matrix((_square_root(inner_left).to(rb.dtype) @ rb).flatten(0, 1)))
 
     def energies(self) -> torch.Tensor:
-        """‖X̃_t‖²_F = ⟨L_tᵀL_t, R_tᵀR_t⟩ for each t: ρ×ρ products, batched."""
-        lb = self.left.T.reshape(self.count, -1, self.left.shape[0])
-        rb = self.right.T.reshape(self.count, -1, self.right.shape[0])
-        return ((lb @ lb.transpose(1, 2)) * (rb @ rb.transpose(1, 2))).sum(dim=(1, 2))
+        """‖X̃_t‖²_F = ⟨L_tᵀL_t, R_tᵀR_t⟩ for each t."""
+        inner_left, inner_right = self.inner
+        return (inner_left * inner_right).sum(dim=(1, 2))
 
     def total_energy(self) -> float:
         """Σ_t ‖X̃_t‖²_F."""
         return float(self.energies().sum())
+
+
+def _square_root(gram: torch.Tensor) -> torch.Tensor:
+    """S with SᵀS = gram for a batch of PSD matrices (upper triangular where Cholesky
+    works). A zero diagonal entry (padding, or a factor scaled by 0) means a zero row and
+    column: it gets a unit diagonal for the Cholesky, which then has e_j as row j, and
+    that row is zeroed after. Where Cholesky still fails (a rank-deficient input), the
+    eigendecomposition's Λ^½Vᵀ."""
+    empty = gram.diagonal(dim1=1, dim2=2) == 0
+    lower, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(empty.to(gram.dtype)))
+    if not bool(info.any()):
+        return lower.transpose(1, 2) * (~empty).to(gram.dtype).unsqueeze(2)
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors * values.clamp(min=0).sqrt().unsqueeze(1)).transpose(1, 2)
 
 
 @cache
@@ -134,7 +169,8 @@ def _blas_threads() -> Any:
 
 def top_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rank` largest eigenvalues and their eigenvectors of a symmetric matrix, largest
-    first: LAPACK's partial solver (syevr) where it is cheaper, else the full eigh."""
+    first, in its dtype: LAPACK's partial solver (syevr) where it is cheaper, else the full
+    eigh."""
     size = gram.shape[0]
     rank = min(rank, size)
     if gram.device.type != "cpu" or size < PARTIAL_EIGH_MIN_DIM or 2 * rank > size:
@@ -173,26 +209,23 @@ def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool) -> torch.Tensor
 
 
 @dataclass(frozen=True)
-class _SweepProducts:
-    """The stack's factors in the precision HOOI's large products run in."""
+class _SweepFactor:
+    """One side's stacked factor F (L or R, k×Tρ) and its `rows` Fᵀ, both row-major (a
+    product with a transposed view runs at half speed), in the precision HOOI's large
+    products run in."""
 
-    left: torch.Tensor
-    right: torch.Tensor
+    factor: torch.Tensor
+    factor_t: torch.Tensor
     count: int
 
-    @classmethod
-    def of(cls, stack: FactorStack) -> _SweepProducts:
-        dtype = torch.float32 if stack.left.numel() >= FLOAT32_SWEEP_SIZE else stack.left.dtype
-        return cls(stack.left.to(dtype), stack.right.to(dtype), stack.count)
+    def project(self, basis: torch.Tensor) -> torch.Tensor:
+        """The stack of F_tᵀ·basis (T×ρ×r), in basis's dtype."""
+        product = self.factor_t @ basis.to(self.factor_t.dtype)
+        return product.reshape(self.count, -1, basis.shape[1]).to(basis.dtype)
 
-    def project(self, factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """The stack of factor_tᵀ·basis (T×ρ×r), float64."""
-        product = basis.T.to(factor.dtype) @ factor
-        return product.T.reshape(self.count, -1, basis.shape[1]).to(basis.dtype)
-
-    def image(self, factor: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Σ_t factor_t·blocks_t (k×r), float64."""
-        return (factor @ blocks.flatten(0, 1).to(factor.dtype)).to(blocks.dtype)
+    def image(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Σ_t F_t·blocks_t (k×r), in blocks' dtype."""
+        return (self.factor @ blocks.flatten(0, 1).to(self.factor.dtype)).to(blocks.dtype)
 
 
 def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE, *,
@@ -204,11 +237,13 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
     """
     total = stack.total_energy()
     left_gram, right_gram = stack.grams()
-    p = top_eigenvectors(left_gram, rank)
-    q = top_eigenvectors(right_gram, rank)
+    p = top_eigenvectors(left_gram, rank).to(stack.left.dtype)
+    q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
     del left_gram, right_gram
-    big = _SweepProducts.of(stack)
-    n, m = big.project(big.left, p), big.project(big.right, q)
+    left_rows, right_rows = stack.rows
+    left = _SweepFactor(stack.left.to(left_rows.dtype), left_rows, stack.count)
+    right = _SweepFactor(stack.right.to(right_rows.dtype), right_rows, stack.count)
+    n, m = left.project(p), right.project(q)
     coords = n.transpose(1, 2) @ m
     start = energy = float(coords.pow(2).sum())
     sweeps = 0
@@ -216,11 +251,11 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
         while sweeps < max_sweeps:
             sweeps += 1
             before = p, q, n, m, coords
-            p = _orthonormal(big.image(big.left, m @ coords.transpose(1, 2)), p)
-            n = big.project(big.left, p)
+            p = _orthonormal(left.image(m @ coords.transpose(1, 2)), p)
+            n = left.project(p)
             coords = n.transpose(1, 2) @ m
-            q = _orthonormal(big.image(big.right, n @ coords), q)
-            m = big.project(big.right, q)
+            q = _orthonormal(right.image(n @ coords), q)
+            m = right.project(q)
             coords = n.transpose(1, 2) @ m
             new = float(coords.pow(2).sum())
             if new < energy:            # only rounding lowers E: keep the previous sweep
@@ -230,7 +265,7 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
             if improved <= tol * new:
                 break
         p = _ritz(p, coords, left=True)
-        coords = big.project(big.left, p).transpose(1, 2) @ m
+        coords = left.project(p).transpose(1, 2) @ m
         q = _ritz(q, coords, left=False)
     scale = total if total > 0 else 1.0
     return Subspaces(p=p, q=q, mode=mode, sweeps=sweeps, energy=energy / scale,
