@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafold.merge.factors import stacked
 from lorafold.merge.gram import gram_matrix
 from lorafold.merge.rules import flatten_spectrum, numerical_rank
 from lorafold.merge.subspaces import FactorStack, top_eigh
@@ -249,8 +250,10 @@ class CoreSpace:
 
 def core_space(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> CoreSpace:
     """`factors` are (scaled B_t m×r_t, A_t r_t×n) pairs in float32 on one device."""
-    left, r_b = thin_qr(torch.cat([b for b, _ in factors], dim=1))
-    right, r_a = thin_qr(torch.cat([a for _, a in factors], dim=0).T)
+    b_stack, a_stack = stacked(factors)
+    left, r_b = thin_qr(b_stack)
+    right, r_a = thin_qr(a_stack.T)
+    del b_stack, a_stack
     ranks = [b.shape[1] for b, _ in factors]
     starts = [sum(ranks[:t]) for t in range(len(ranks))]
     owner = torch.repeat_interleave(torch.arange(len(ranks), device=r_b.device),

@@ -31,6 +31,7 @@ from lorafold.adapters.reader import LoraAdapter
 from lorafold.adapters.tensor_file import all_finite
 from lorafold.adapters.writer import MergedModule
 from lorafold.errors import NumericalError
+from lorafold.merge.factors import stack_factors
 from lorafold.merge.methods import MethodInput, MethodOutput
 from lorafold.merge.pipeline import Prefetch, WriteBehind
 from lorafold.merge.plan import MergePlan, ModulePlan
@@ -64,7 +65,7 @@ def report_rows(out: MethodOutput, factors: Sequence[tuple[torch.Tensor, torch.T
         out.factors, factors)
 
 
-Factors = list[tuple[torch.Tensor, torch.Tensor]]
+Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 Sink = Callable[[MergedModule], None]
 _NO_TENSOR = torch.empty(0)
 
@@ -85,16 +86,15 @@ def load_factors(module: ModulePlan, adapters: Sequence[LoraAdapter],
     loaded = [adapters[index].load(module.name) for index in module.inputs]
     if device.type != "cpu":
         return LoadedInputs([(f.B, f.A) for f in loaded], [f.scale for f in loaded])
-    return LoadedInputs([(f.B.to(torch.float32) * f.scale, f.A.to(torch.float32))
-                         for f in loaded])
+    return LoadedInputs(stack_factors([(f.B, f.A, f.scale) for f in loaded]))
 
 
 def to_device(inputs: LoadedInputs, device: torch.device) -> Factors:
     """The methods' input factors on the compute device, upcast and scaled."""
     if inputs.scales is None:
         return inputs.pairs
-    return [(b.to(device).to(torch.float32) * scale, a.to(device).to(torch.float32))
-            for (b, a), scale in zip(inputs.pairs, inputs.scales, strict=True)]
+    return stack_factors([(b, a, scale) for (b, a), scale
+                          in zip(inputs.pairs, inputs.scales, strict=True)], device)
 
 
 def _merge_module(plan: MergePlan, module: ModulePlan, factors: Factors,

@@ -9,9 +9,12 @@ from lorafold.merge.gram import gram_matrix
 from lorafold.merge.subspaces import _square_root
 
 
-@pytest.mark.parametrize("columns", [7, 255, 256, 1001, 1024])
-def test_gram_matrix_is_xt_x_and_exactly_symmetric(columns: int) -> None:
-    x = torch.randn(300, columns, generator=torch.Generator().manual_seed(columns),
+@pytest.mark.parametrize(("rows", "columns"),
+                         [(300, 7), (300, 255), (8200, 128), (1100, 1001), (1024, 1024)])
+def test_gram_matrix_is_xt_x_and_exactly_symmetric(rows: int, columns: int) -> None:
+    """One GEMM for small products, panels (the last one narrower where 4 does not divide
+    the width) from MIN_BLOCKED_ENTRIES on."""
+    x = torch.randn(rows, columns, generator=torch.Generator().manual_seed(columns),
                     dtype=torch.float64)
     got = gram_matrix(x)
     assert torch.equal(got, got.T)
@@ -19,7 +22,7 @@ def test_gram_matrix_is_xt_x_and_exactly_symmetric(columns: int) -> None:
 
 
 def test_gram_matrix_keeps_the_dtype_and_takes_views() -> None:
-    x = torch.randn(512, 300, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4096, 300, generator=torch.Generator().manual_seed(0))
     got = gram_matrix(x.T.contiguous().T)          # a column-major view
     assert got.dtype == torch.float32
     assert float((got.double() - x.double().T @ x.double()).abs().max()) < 1e-3
