@@ -113,8 +113,9 @@ class FactorStack:
 
     @cached_property
     def inner(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_tᵀL_t and R_tᵀR_t for each t (T×ρ×ρ, batched, in the stack's dtype): the
-        energies and the Grams are built from them."""
+        """L_tᵀL_t and R_tᵀR_t for each t (T×ρ×ρ, batched; computed in the precision of
+        `rows`, returned in the stack's dtype): the energies and the Grams are built from
+        them."""
         lb, rb = self._row_blocks()
         dtype = self.left.dtype
         return ((lb @ lb.transpose(1, 2)).to(dtype), (rb @ rb.transpose(1, 2)).to(dtype))
@@ -195,10 +196,8 @@ def _orthonormal(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """orth(image) (one step of orthogonal iteration), or `basis` unchanged where the image
     has lost a direction (the stack has rank below r there)."""
     q, r = torch.linalg.qr(image)
-    diagonal = r.diagonal().abs()
-    if bool((diagonal <= diagonal.max() * 1e-12).any()):
-        return basis
-    return q
+    diagonal = r.diagonal().abs().tolist()          # r values: one transfer, no more ops
+    return basis if min(diagonal) <= max(diagonal) * 1e-12 else q
 
 
 def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool) -> torch.Tensor:
@@ -220,11 +219,15 @@ class _SweepFactor:
 
     def project(self, basis: torch.Tensor) -> torch.Tensor:
         """The stack of F_tᵀ·basis (T×ρ×r), in basis's dtype."""
+        if basis.dtype == self.factor_t.dtype:        # small stacks: no conversions
+            return (self.factor_t @ basis).view(self.count, -1, basis.shape[1])
         product = self.factor_t @ basis.to(self.factor_t.dtype)
-        return product.reshape(self.count, -1, basis.shape[1]).to(basis.dtype)
+        return product.view(self.count, -1, basis.shape[1]).to(basis.dtype)
 
     def image(self, blocks: torch.Tensor) -> torch.Tensor:
         """Σ_t F_t·blocks_t (k×r), in blocks' dtype."""
+        if blocks.dtype == self.factor.dtype:
+            return self.factor @ blocks.flatten(0, 1)
         return (self.factor @ blocks.flatten(0, 1).to(self.factor.dtype)).to(blocks.dtype)
 
 
@@ -257,7 +260,7 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
             q = _orthonormal(right.image(n @ coords), q)
             m = right.project(q)
             coords = n.transpose(1, 2) @ m
-            new = float(coords.pow(2).sum())
+            new = float(torch.vdot(coords.flatten(), coords.flatten()))
             if new < energy:            # only rounding lowers E: keep the previous sweep
                 p, q, n, m, coords = before
                 break
