@@ -253,7 +253,6 @@ def core_space(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> CoreSpac
     b_stack, a_stack = stacked(factors)
     left, r_b = thin_qr(b_stack)
     right, r_a = thin_qr(a_stack.T)
-    del b_stack, a_stack
     ranks = [b.shape[1] for b, _ in factors]
     starts = [sum(ranks[:t]) for t in range(len(ranks))]
     owner = torch.repeat_interleave(torch.arange(len(ranks), device=r_b.device),
