@@ -219,15 +219,11 @@ class _SweepFactor:
 
     def project(self, basis: torch.Tensor) -> torch.Tensor:
         """The stack of F_tᵀ·basis (T×ρ×r), in basis's dtype."""
-        if basis.dtype == self.factor_t.dtype:        # small stacks: no conversions
-            return (self.factor_t @ basis).view(self.count, -1, basis.shape[1])
         product = self.factor_t @ basis.to(self.factor_t.dtype)
         return product.view(self.count, -1, basis.shape[1]).to(basis.dtype)
 
     def image(self, blocks: torch.Tensor) -> torch.Tensor:
         """Σ_t F_t·blocks_t (k×r), in blocks' dtype."""
-        if blocks.dtype == self.factor.dtype:
-            return self.factor @ blocks.flatten(0, 1)
         return (self.factor @ blocks.flatten(0, 1).to(self.factor.dtype)).to(blocks.dtype)
 
 
