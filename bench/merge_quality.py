@@ -37,10 +37,8 @@ import argparse
 import itertools
 import json
 import os
-import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +51,7 @@ import torch
 import toy_text
 import toy_world
 from lora_deltas import Deltas, read_deltas
-from machine import machine_info
+from machine import command_line, machine_info
 
 from lorafold.merge import MergeRequest, merge_adapters
 from lorafold.merge.rules import RULES, RuleParams, apply_rule
@@ -766,8 +764,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_outputs(json.loads(args.render.read_text()), args.out_dir)
         return
     cfg = config_from(args)
-    command = shlex.join([".venv/bin/python", "bench/merge_quality.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench/merge_quality.py", argv)
     result = run_benchmark(cfg, command)
     print(render(result))
     print(f"wall time {result['wall_s']:.0f}s; load average {result['load_average']}")

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +25,7 @@ from typing import Any
 
 import ctm_reference
 import torch
-from machine import machine_info
+from machine import command_line, machine_info
 
 from lorafold.merge.methods import METHODS, MethodInput, MethodOutput
 from lorafold.merge.rules import RULES, RuleParams
@@ -328,8 +326,7 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = config_from(args)
-    command = shlex.join([".venv/bin/python", "bench/merge_scaling.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("bench/merge_scaling.py", argv)
     result = run_benchmark(cfg, command)
     print(render(result))
     print(f"wall time {result['wall_s']:.0f}s; load average {result['load_average']}")

@@ -120,16 +120,23 @@ class FactWorld:
     rank: int
 
 
-def build_world(root: Path, *, rank: int = 8) -> FactWorld:
-    """Pretrain the base, train the original LoRA on forget + retain, save both."""
-    from peft import LoraConfig, get_peft_model
-
+def pretrained_base(root: Path) -> tuple[Any, Any, Path]:
+    """The tiny base pretrained on every country's facts, saved with its tokenizer at
+    `<root>/models/<BASE_NAME>`: (model, tokenizer, its folder)."""
     tokenizer = build_tokenizer()
     base = tiny_llama(len(tokenizer.get_vocab()))
     fit(base, tokenizer, TextDataset.from_pairs(pretraining_facts()), steps=100, lr=3e-3)
     base_dir = root / "models" / BASE_NAME
     base.save_pretrained(str(base_dir))
     tokenizer.save_pretrained(str(base_dir))
+    return base, tokenizer, base_dir
+
+
+def build_world(root: Path, *, rank: int = 8) -> FactWorld:
+    """Pretrain the base, train the original LoRA on forget + retain, save both."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer, base_dir = pretrained_base(root)
 
     forget = TextDataset.from_pairs(facts(FORGET), name="forget")
     retain = TextDataset.from_pairs(facts(RETAIN), name="retain")

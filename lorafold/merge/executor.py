@@ -32,7 +32,7 @@ from lorafold.adapters.tensor_file import all_finite
 from lorafold.adapters.writer import MergedModule
 from lorafold.errors import NumericalError
 from lorafold.merge.factors import stack_factors
-from lorafold.merge.methods import MethodInput, MethodOutput
+from lorafold.merge.methods import Factors, MethodInput, MethodOutput
 from lorafold.merge.pipeline import Prefetch, WriteBehind
 from lorafold.merge.plan import MergePlan, ModulePlan
 from lorafold.merge.report import module_report, subspace_report, subspace_summary, summarize
@@ -65,7 +65,6 @@ def report_rows(out: MethodOutput, factors: Sequence[tuple[torch.Tensor, torch.T
         out.factors, factors)
 
 
-Factors = Sequence[tuple[torch.Tensor, torch.Tensor]]
 Sink = Callable[[MergedModule], None]
 _NO_TENSOR = torch.empty(0)
 

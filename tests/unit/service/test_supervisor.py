@@ -84,14 +84,20 @@ def test_a_dead_child_is_restarted_after_its_backoff_and_it_is_said(clock: Clock
     assert "restarting in 2s (restart 2 of at most 3)" in said[-1]
 
 
-def test_a_child_that_keeps_dying_is_given_up_on(clock: Clock) -> None:
-    said: list[str] = []
-    supervisor, started = make(clock, said)
-    for _ in range(3):
+def crash_and_restart(supervisor: Supervisor, started: list[FakeServer], clock: Clock, *,
+                      times: int) -> None:
+    """The newest child dies `times` times, each restarted once its backoff has passed."""
+    for _ in range(times):
         started[-1].die()
         supervisor.check()
         clock.now += 10
         supervisor.check()
+
+
+def test_a_child_that_keeps_dying_is_given_up_on(clock: Clock) -> None:
+    said: list[str] = []
+    supervisor, started = make(clock, said)
+    crash_and_restart(supervisor, started, clock, times=3)
     started[-1].die()
     with pytest.raises(LorafoldError) as gave_up:
         supervisor.check()
@@ -103,11 +109,7 @@ def test_a_child_that_keeps_dying_is_given_up_on(clock: Clock) -> None:
 def test_a_child_that_stays_up_is_forgiven(clock: Clock) -> None:
     said: list[str] = []
     supervisor, started = make(clock, said)
-    for _ in range(3):
-        started[-1].die()
-        supervisor.check()
-        clock.now += 10
-        supervisor.check()
+    crash_and_restart(supervisor, started, clock, times=3)
     clock.now += 60  # up for a while
     supervisor.check()
     started[-1].die()

@@ -21,12 +21,10 @@ from lorafold.unlearn.datasets import TextDataset
 from tests.unlearn_world import (
     BASE_NAME,
     COUNTRIES,
-    build_tokenizer,
     facts,
     fit,
     noise_adapter,
-    pretraining_facts,
-    tiny_llama,
+    pretrained_base,
 )
 
 TASKS = (COUNTRIES[:6], COUNTRIES[6:12])
@@ -69,12 +67,7 @@ def build_tune_world(root: Path) -> TuneWorld:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    tokenizer = build_tokenizer()
-    base = tiny_llama(len(tokenizer.get_vocab()))
-    fit(base, tokenizer, TextDataset.from_pairs(pretraining_facts()), steps=100, lr=3e-3)
-    base_dir = root / "models" / BASE_NAME
-    base.save_pretrained(str(base_dir))
-    tokenizer.save_pretrained(str(base_dir))
+    base, tokenizer, base_dir = pretrained_base(root)
     sets = [TextDataset.from_pairs(facts(list(countries)), name=f"task{t}")
             for t, countries in enumerate(TASKS)]
     tasks = [_task_adapter(base, tokenizer, ds, root / "adapters" / f"task{t}", seed=t + 1)
