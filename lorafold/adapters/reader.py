@@ -208,22 +208,25 @@ class LoraAdapter:
     def dtype(self) -> torch.dtype:
         return torch_dtype(next(iter(self.modules.values())).dtype)
 
-    def load(self, module: str, *, device: torch.device | str = "cpu") -> LoraFactors:
-        """The module's canonical factors in their stored dtype, refusing NaN/Inf."""
+    def load(self, module: str, *, device: torch.device | str = "cpu",
+             check_finite: bool = True) -> LoraFactors:
+        """The module's canonical factors in their stored dtype, refusing NaN/Inf (unless
+        `check_finite` is False: a caller that checks its own upcast copy, and loads again
+        with the check to name the tensor when that copy is not finite)."""
         spec = self.modules[module]
-        a = self._read(spec.a_key)
-        b = self._read(spec.b_key)
+        a = self._read(spec.a_key, check_finite)
+        b = self._read(spec.b_key, check_finite)
         a = a.reshape(spec.rank, spec.in_features).to(device)
         b = b.reshape(spec.out_features, spec.rank).to(device)
         return LoraFactors(spec, a, b)
 
-    def _read(self, key: str) -> torch.Tensor:
+    def _read(self, key: str, check_finite: bool = True) -> torch.Tensor:
         try:
             tensor = self._file.read(self._tensors[key])
         except OSError as e:
             raise InvalidAdapter(f"{key}: cannot be read: {e}",
                                  code="malformed_safetensors") from e
-        if not all_finite(tensor):
+        if check_finite and not all_finite(tensor):
             raise InvalidAdapter(f"{key}: contains NaN or Inf values", code="non_finite")
         return tensor
 

@@ -31,7 +31,8 @@ from lorafold.adapters.reader import LoraAdapter
 from lorafold.adapters.tensor_file import all_finite
 from lorafold.adapters.writer import MergedModule
 from lorafold.errors import NumericalError
-from lorafold.merge.factors import stack_factors
+from lorafold.merge.factors import StackedFactors, stack_factors
+from lorafold.merge.heap import retain_freed_memory
 from lorafold.merge.methods import Factors, MethodInput, MethodOutput
 from lorafold.merge.pipeline import Prefetch, WriteBehind
 from lorafold.merge.plan import MergePlan, ModulePlan
@@ -81,11 +82,29 @@ class LoadedInputs:
 def load_factors(module: ModulePlan, adapters: Sequence[LoraAdapter],
                  device: torch.device) -> LoadedInputs:
     """Read one module's inputs (run by the reader thread). For a CPU merge they come out
-    ready; for a GPU they stay as stored, so `to_device` moves half the bytes of bf16."""
-    loaded = [adapters[index].load(module.name) for index in module.inputs]
-    if device.type != "cpu":
+    ready, upcast and checked for NaN/Inf (`_refuse_non_finite`); for a GPU they stay as
+    stored, so `to_device` moves half the bytes of bf16, and the reader checks them."""
+    on_cpu = device.type == "cpu"
+    loaded = [adapters[index].load(module.name, check_finite=not on_cpu)
+              for index in module.inputs]
+    if not on_cpu:
         return LoadedInputs([(f.B, f.A) for f in loaded], [f.scale for f in loaded])
-    return LoadedInputs(stack_factors([(f.B, f.A, f.scale) for f in loaded]))
+    factors = stack_factors([(f.B, f.A, f.scale) for f in loaded])
+    _refuse_non_finite(factors, module, adapters)
+    return LoadedInputs(factors)
+
+
+def _refuse_non_finite(factors: StackedFactors, module: ModulePlan,
+                       adapters: Sequence[LoraAdapter]) -> None:
+    """The reader's NaN/Inf check, done once on the float32 stacks: a summing pass over
+    float32 ran 2–3× faster here than over the stored bf16 tensors (a 70B-shaped merge:
+    0.13 against 0.35 s). Where a stack is not finite, the inputs are loaded again with the
+    reader's own check, which names the tensor (`non_finite`); finite inputs whose scaled
+    copy overflowed go on, to the merge's own NaN/Inf check on its result."""
+    if all_finite(factors.b) and all_finite(factors.a):
+        return
+    for index in module.inputs:
+        adapters[index].load(module.name)
 
 
 def to_device(inputs: LoadedInputs, device: torch.device) -> Factors:
@@ -165,6 +184,7 @@ def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: t
     per_module: dict[str, dict[str, dict[str, float]]] = {}
     subspaces: dict[str, Subspaces] = {}
     total = len(plan.modules)
+    retain_freed_memory()
     with contextlib.ExitStack() as stack:
         if device.type == "cpu":
             stack.enter_context(adaptive_threads())

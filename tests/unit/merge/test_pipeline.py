@@ -108,9 +108,10 @@ class CountingAdapter(LoraAdapter):
 
     loads: list[str]
 
-    def load(self, module: str, *, device: torch.device | str = "cpu") -> LoraFactors:
+    def load(self, module: str, *, device: torch.device | str = "cpu",
+             check_finite: bool = True) -> LoraFactors:
         self.loads.append(module)
-        return super().load(module, device=device)
+        return super().load(module, device=device, check_finite=check_finite)
 
 
 def counting(path: Path) -> CountingAdapter:
@@ -168,17 +169,20 @@ def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
     assert helper_threads() == []
 
 
-@pytest.mark.parametrize("read_ahead", [0, 1], ids=["in-turn", "threads"])
+@pytest.mark.parametrize(("read_ahead", "factor", "value"), [
+    (0, "lora_A", float("nan")), (1, "lora_A", float("nan")), (0, "lora_B", float("-inf"))],
+    ids=["in-turn", "threads", "inf-in-B"])
 def test_a_broken_module_late_in_an_input_fails_the_merge_with_nothing_written(
-        inputs: list[Path], tmp_path: Path, read_ahead: int) -> None:
+        inputs: list[Path], tmp_path: Path, read_ahead: int, factor: str, value: float) -> None:
     last = sorted(SHAPES)[-1]
+    key = f"base_model.model.{last}.{factor}.weight"
     tensors = load_file(str(weights(inputs[1])))
-    tensors[f"base_model.model.{last}.lora_A.weight"][0, 0] = float("nan")
+    tensors[key][0, 0] = value
     save_file(tensors, str(weights(inputs[1])))
     with pytest.raises(InvalidAdapter) as caught:
         merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
                        read_ahead=read_ahead)
-    assert caught.value.code == "non_finite" and last in caught.value.message
+    assert caught.value.code == "non_finite" and key in caught.value.message
     assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
     assert helper_threads() == []
 
