@@ -3,11 +3,13 @@
 T = 8 random rank-16 bf16 PEFT adapters with Llama-2/3-70B module shapes (80 layers, hidden
 8192, MLP 28672, grouped-query k/v 8192→1024; ~3.3 GB of factors in all) are written to a
 temporary directory (deleted at the end), then merged with `merge_adapters` (ctm, rule ta,
-rank 16) in a fresh process, which reports its wall time and peak RSS (VmHWM, the kernel's
-high-water mark of its address space; not getrusage's ru_maxrss, which a child started with
-fork + exec inherits from its parent). The floor beside it: the inputs read the way the
-merge reads them + CtM's flops at the best fp32 GEMM rate measured just before and after
-(as bench/merge_speed.py computes it).
+rank 16) in a fresh process, on the service's path (the inputs opened with the sha256 their
+upload verified, as the worker opens them), then again on the CLI's path (paths: the merge
+hashes its inputs for the lineage). Each process reports its wall time and peak RSS
+(VmHWM, the kernel's high-water mark of its address space; not getrusage's ru_maxrss,
+which a child started with fork + exec inherits from its parent). The floor beside it: the
+inputs read the way the merge reads them + CtM's flops at the best fp32 GEMM rate measured
+just before and after (as bench/merge_speed.py computes it).
 
 The memory bound it checks (the pipeline's, lorafold/merge/executor.py): the process after
 its imports + two modules' inputs (as stored and upcast to fp32) + three modules' outputs
@@ -33,8 +35,17 @@ from typing import Any
 
 import torch
 from machine import command_line, machine_info, write_json
-from merge_speed import BenchConfig, ctm_flops, gemm_gflops, proc_status, read_seconds
+from merge_speed import (
+    BenchConfig,
+    ctm_end_to_end,
+    ctm_flops,
+    gemm_gflops,
+    proc_status,
+    read_seconds,
+    weight_digests,
+)
 
+from lorafold.adapters.reader import open_adapter
 from lorafold.synthetic import write_random_adapter
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "merge_70b.json"
@@ -88,24 +99,23 @@ def memory_bound(cfg: ScaleConfig, baseline_rss: int) -> dict[str, int]:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """Body of the measuring process: one merge; its wall time and peak RSS."""
-    from lorafold.merge import MergeRequest, merge_adapters
-
     torch.set_num_threads(int(spec["threads"]))
     baseline = proc_status()["VmRSS"]
-    request = MergeRequest(method="ctm", rule="ta", rank=int(spec["rank"]))
     started = time.perf_counter()
-    result = merge_adapters([Path(d) for d in spec["dirs"]], Path(spec["out"]), request,
-                            device="cpu")
+    out = ctm_end_to_end([Path(d) for d in spec["dirs"]], Path(spec["out"]), int(spec["rank"]),
+                         digests=spec["digests"])
     wall = time.perf_counter() - started
     peak = proc_status()["VmHWM"]
-    return {"wall_s": wall, "baseline_rss": baseline, "peak_rss": peak,
-            "modules": len(result.report["modules"]),
-            "output_bytes": (Path(spec["out"]) / "adapter_model.safetensors").stat().st_size}
+    with open_adapter(out) as written:
+        modules = len(written.modules)
+    return {"wall_s": wall, "baseline_rss": baseline, "peak_rss": peak, "modules": modules,
+            "output_bytes": (out / "adapter_model.safetensors").stat().st_size}
 
 
-def run_child(dirs: list[Path], out: Path, cfg: ScaleConfig) -> dict[str, Any]:
+def run_child(dirs: list[Path], out: Path, cfg: ScaleConfig,
+              digests: list[str] | None) -> dict[str, Any]:
     spec = {"dirs": [str(d) for d in dirs], "out": str(out), "rank": cfg.rank,
-            "threads": cfg.threads}
+            "threads": cfg.threads, "digests": digests}
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child",
                            json.dumps(spec)], capture_output=True, text=True, check=False)
     if done.returncode:
@@ -132,19 +142,22 @@ def run_benchmark(cfg: ScaleConfig, command: str, workdir: Path | None = None,
         write_s = time.perf_counter() - started
         files = [d / "adapter_model.safetensors" for d in dirs]
         input_bytes = sum(f.stat().st_size for f in files)
+        digests = weight_digests(dirs)
         runs = []
         for rep in range(reps):
             read_s = read_seconds(files, 1)
             before = gemm_gflops(gemm_cfg)
-            merged = run_child(dirs, root / f"out{rep}", cfg)
+            merged = run_child(dirs, root / f"out{rep}", cfg, digests)
+            cli = run_child(dirs, root / f"cli{rep}", cfg, None)
             after = gemm_gflops(gemm_cfg)
             best = max(*before.values(), *after.values())
             floor_s = read_s + flops / (best * 1e9)
             runs.append({**merged, "read_s": read_s, "gflops_best": best,
                          "floor_s": floor_s, "ratio": merged["wall_s"] / floor_s,
-                         "loadavg_after": os.getloadavg()[0]})
+                         "cli_wall_s": cli["wall_s"], "cli_ratio": cli["wall_s"] / floor_s,
+                         "cli_peak_rss": cli["peak_rss"], "loadavg_after": os.getloadavg()[0]})
     wall = statistics.median(r["wall_s"] for r in runs)
-    peak = max(r["peak_rss"] for r in runs)
+    peak = max(max(r["peak_rss"], r["cli_peak_rss"]) for r in runs)
     bound = memory_bound(cfg, min(r["baseline_rss"] for r in runs))
     return {
         "command": command, "config": asdict(cfg),
@@ -154,6 +167,8 @@ def run_benchmark(cfg: ScaleConfig, command: str, workdir: Path | None = None,
         "flops": flops, "runs": runs, "wall_s": wall,
         "floor_s": statistics.median(r["floor_s"] for r in runs),
         "ratio": statistics.median(r["ratio"] for r in runs),
+        "cli_wall_s": statistics.median(r["cli_wall_s"] for r in runs),
+        "cli_ratio": statistics.median(r["cli_ratio"] for r in runs),
         "peak_rss": peak, "memory_bound": bound, "within_bound": peak <= bound["limit"],
     }
 
@@ -172,12 +187,15 @@ def render(result: dict[str, Any]) -> str:
         f"(written in {result['write_inputs_s']:.0f} s)",
     ]
     for i, run in enumerate(result["runs"]):
-        lines.append(f"run {i}: merge_adapters {run['wall_s']:.1f} s; floor {run['floor_s']:.1f} s "
+        lines.append(f"run {i}: merge_adapters {run['wall_s']:.1f} s (service path; CLI path, "
+                     f"hashing, {run['cli_wall_s']:.1f} s = {run['cli_ratio']:.2f}x); floor "
+                     f"{run['floor_s']:.1f} s "
                      f"(read {run['read_s']:.2f} s + {result['flops'] / 1e9:,.0f} GFLOP at "
                      f"{run['gflops_best']:.0f} GFLOP/s) -> {run['ratio']:.2f}x; peak RSS "
                      f"{run['peak_rss'] / MB:,.0f} MB (after imports "
                      f"{run['baseline_rss'] / MB:,.0f} MB); load after {run['loadavg_after']:.1f}")
-    lines.append(f"end to end / floor: {result['ratio']:.2f} (median); peak RSS "
+    lines.append(f"end to end / floor: {result['ratio']:.2f} (median, service path; CLI path "
+                 f"{result['cli_ratio']:.2f}); peak RSS "
                  f"{result['peak_rss'] / MB:,.0f} MB vs bound {bound['limit'] / MB:,.0f} MB "
                  f"(baseline {bound['baseline'] / MB:,.0f} + 2 modules' inputs "
                  f"{bound['two_modules_inputs'] / MB:,.1f} + 3 outputs "

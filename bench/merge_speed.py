@@ -4,7 +4,9 @@ T = 8 random rank-16 PEFT adapters on Llama-2-7B module shapes (per layer four 4
 two 11008×4096, one 4096×11008) are written to a temporary directory. In one run, with
 torch threads fixed, the script measures
 
-- CtM end to end: `merge_adapters` (open, read, merge, report, hash, write) on every layer,
+- CtM end to end: `merge_adapters` (open, read, merge, report, write) on every layer, on
+  the service's path (the inputs' sha256 known from their upload, not hashed again), and
+  once per repetition on the CLI's path (the merge hashes its inputs for the lineage),
   each repetition between two GEMM throughput measurements and after a read of the inputs,
   so that each run is compared with the floor measured around it: read time (page cache
   warm, one read per tensor as the merge reads) + CtM's flop count at the best fp32 GEMM
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import inspect
 import json
 import logging
@@ -246,18 +249,39 @@ def opened(dirs: Sequence[Path]) -> Iterator[list[LoraAdapter]]:
         yield [stack.enter_context(open_adapter(d)) for d in dirs]
 
 
+def weight_digests(dirs: Sequence[Path]) -> list[str]:
+    """Each input's sha256 of adapter_model.safetensors: what the service holds for a blob
+    it verified on upload and hands the merge (lorafold/service/attempts.py)."""
+    digests = []
+    for d in dirs:
+        with (d / "adapter_model.safetensors").open("rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return digests
+
+
 def ctm_end_to_end(dirs: Sequence[Path], out_dir: Path, rank: int,
-                   subspace: str = DEFAULT_SUBSPACE) -> Path:
-    """`merge_adapters` with method ctm, rule ta, weights 1: open, read, merge, write."""
+                   subspace: str = DEFAULT_SUBSPACE, digests: Sequence[str] | None = None,
+                   ) -> Path:
+    """`merge_adapters` with method ctm, rule ta, weights 1: open, read, merge, write.
+
+    With `digests` the inputs are opened with their sha256 given, as the service's worker
+    opens them (nothing is hashed again); without, they are paths, as the CLI passes them,
+    and the merge hashes them on the way (for the lineage)."""
     request = MergeRequest(method="ctm", rule="ta", rank=rank, subspace=subspace,
                            beta=DEFAULT_BETA)
-    return merge_adapters(list(dirs), out_dir, request, device="cpu").out_dir
+    with contextlib.ExitStack() as stack:
+        inputs: list[LoraAdapter | Path] = list(dirs) if digests is None else [
+            stack.enter_context(open_adapter(d, label=str(d), sha256=digest))
+            for d, digest in zip(dirs, digests, strict=True)]
+        return merge_adapters(inputs, out_dir, request, device="cpu").out_dir
 
 
 @dataclass(frozen=True)
 class FloorRun:
     """One end-to-end CtM run (default subspaces, HOOI) and the floor measured around it
-    (seconds, GFLOP/s), with a HOSVD run beside it (the order alternates between runs)."""
+    (seconds, GFLOP/s), with a HOSVD run beside it (the order alternates between runs), both
+    on the service's path (the inputs' sha256 known), and a HOOI run on the CLI's path (the
+    merge hashes its inputs) after them."""
 
     e2e_s: float
     read_s: float                   # the inputs read as the merge reads them
@@ -267,6 +291,8 @@ class FloorRun:
     ratio: float
     hosvd_s: float
     hooi_over_hosvd: float
+    cli_s: float
+    cli_ratio: float
 
 
 def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
@@ -274,6 +300,7 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
     """CtM end to end `cfg.reps` times, each after a read of the inputs and between two
     GEMM measurements; also returns every GEMM measurement."""
     files = [d / "adapter_model.safetensors" for d in dirs]
+    digests = weight_digests(dirs)
     gemms, runs = [gemm_gflops(cfg)], []
     for rep in range(cfg.reps):
         read_s = read_seconds(files, 1)
@@ -281,7 +308,8 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
         seconds = {}
         for mode in (("hooi", "hosvd") if rep % 2 == 0 else ("hosvd", "hooi")):
             _, seconds[mode] = timed(lambda mode=mode: ctm_end_to_end(
-                dirs, out_dir / mode, cfg.rank, mode))
+                dirs, out_dir / mode, cfg.rank, mode, digests))
+        _, seconds["cli"] = timed(lambda: ctm_end_to_end(dirs, out_dir / "cli", cfg.rank))
         gemms.append(gemm_gflops(cfg))
         best = max(*gemms[-2].values(), *gemms[-1].values())
         floor_s = read_s + flops / (best * 1e9)
@@ -289,7 +317,8 @@ def e2e_against_floor(dirs: Sequence[Path], out_dir: Path, cfg: BenchConfig,
                              gflops=best,
                              floor_s=floor_s, ratio=seconds["hooi"] / floor_s,
                              hosvd_s=seconds["hosvd"],
-                             hooi_over_hosvd=seconds["hooi"] / seconds["hosvd"]))
+                             hooi_over_hosvd=seconds["hooi"] / seconds["hosvd"],
+                             cli_s=seconds["cli"], cli_ratio=seconds["cli"] / floor_s))
     return runs, gemms
 
 
@@ -620,6 +649,7 @@ def floor_summary(runs: Sequence[FloorRun], gemms: Sequence[Mapping[str, float]]
         "one_call_read_s": statistics.median(r.one_call_read_s for r in runs),
         "flops": flops, "floor_s": floor_s, "floor_per_layer_s": floor_s / layers,
         "e2e_over_floor": statistics.median(r.ratio for r in runs),
+        "cli_e2e_over_floor": statistics.median(r.cli_ratio for r in runs),
         "hooi_over_hosvd": statistics.median(r.hooi_over_hosvd for r in runs),
         "ctm_compute_over_flop_floor": ratio(ctm_layer_ms, flops / layers / best / 1e6),
     }
@@ -645,8 +675,8 @@ def evaluate_targets(rows: Sequence[ShapeRow], layer: Mapping[str, float | None]
                ratio(layer["peft_svd_ms"], e2e_layer_s * 1e3), 100.0, at_most=False,
                note="PEFT's per-layer compute vs merge_adapters wall time per layer"),
         target("CtM end to end / floor", floor["e2e_over_floor"], 2.0, at_most=True,
-               note="median over runs; floor = read + CtM flops at the best GEMM rate "
-                    "measured around each run"),
+               note="median over runs, the service's path (inputs' sha256 known); floor = "
+                    "read + CtM flops at the best GEMM rate measured around each run"),
         target("CtM end to end, HOOI / HOSVD", floor["hooi_over_hosvd"], 1.3, at_most=True,
                note="median over runs of the paired ratio (the two run back to back, order "
                     "alternating)"),
@@ -721,7 +751,10 @@ def render(result: Mapping[str, Any]) -> str:
                  + f"); merge_ctm per module, median {compute:.2f}; HOOI sweeps per module "
                  f"median {statistics.median(sweeps):.0f}, max {max(sweeps)}")
     lines.append(f"CtM end to end / floor: {fmt(floor['e2e_over_floor'], 2)} (per run: "
-                 f"{ratios}); CtM compute / "
+                 f"{ratios}; the service's path, sha256 known); on the CLI's path (the merge "
+                 f"hashes its inputs) {fmt(floor['cli_e2e_over_floor'], 2)} (per run: "
+                 + ", ".join(f"{r['cli_ratio']:.2f}" for r in floor["runs"])
+                 + "); CtM compute / "
                  f"flop floor at {floor['gflops_best']:.0f} GFLOP/s: "
                  f"{fmt(floor['ctm_compute_over_flop_floor'], 2)}")
     rss, limit = result["rss"], result["rss_limit"]

@@ -35,6 +35,8 @@ def test_the_merge_runs_and_reports(bench: ModuleType, result: dict[str, Any]) -
     assert run["wall_s"] > 0 and run["floor_s"] > 0 and run["ratio"] == pytest.approx(
         run["wall_s"] / run["floor_s"])
     assert run["peak_rss"] >= run["baseline_rss"] > 0 and run["output_bytes"] > 0
+    assert run["cli_wall_s"] > 0 and run["cli_ratio"] == pytest.approx(   # hashing its inputs
+        run["cli_wall_s"] / run["floor_s"])
     assert result["within_bound"]
     assert "end to end / floor" in bench.render(result)
 

@@ -49,6 +49,7 @@ def test_every_stage_reports(result: dict[str, Any]) -> None:
         "CtM end to end / floor", "CtM end to end, HOOI / HOSVD", "CtM peak RSS (bytes)"]
     run = result["floor"]["runs"][0]
     assert run["hosvd_s"] > 0 and run["hooi_over_hosvd"] == run["e2e_s"] / run["hosvd_s"]
+    assert run["cli_s"] > 0 and run["cli_ratio"] == run["cli_s"] / run["floor_s"]
     assert all(t["hosvd_s"] > 0 and t["sweeps"] >= 1 for t in result["modules"])
 
 
