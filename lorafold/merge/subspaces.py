@@ -30,9 +30,11 @@ symmetric product each (k²R flops, `FactorStack.grams`), and only their top r e
 are taken, by LAPACK's partial solver (tridiagonalisation, then MRRR for r of the k
 eigenpairs: `top_eigh`), as exact as the full solver and 2.5–4.5× faster at k = 1,024–2,048
 here. Once the stack is large (`FLOAT32_SWEEP_SIZE`) the Grams, their eigensolver and the
-products of a sweep (k×R by R×r) run in float32: a sweep only has to find a better
-subspace, and each subspace is re-orthonormalised in float64; a sweep that rounding would
-make lose energy is undone, so E never drops.
+sweeps (the k×R by R×r products, the r×r work and the QRs) run in float32: a sweep only
+has to find a better subspace. A sweep that rounding would make lose energy is undone and
+ends the run; the subspaces found are re-orthonormalised in float64 and their energy
+measured there, and if rounding left that below the HOSVD start, the start is kept: E
+never drops.
 """
 
 from __future__ import annotations
@@ -196,12 +198,18 @@ def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
     return top_eigh(gram, rank)[1]
 
 
+# A QR diagonal entry this many units of roundoff below the largest means the image lost a
+# direction (1e-12 in float64, as before; 5e-4 in float32, where rounding alone leaves ~1e-7).
+_RANK_LOSS_ULPS = 4096
+
+
 def _orthonormal(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """orth(image) (one step of orthogonal iteration), or `basis` unchanged where the image
     has lost a direction (the stack has rank below r there)."""
     q, r = torch.linalg.qr(image)
     diagonal = r.diagonal().abs().tolist()          # r values: one transfer, no more ops
-    return basis if min(diagonal) <= max(diagonal) * 1e-12 else q
+    lost = max(diagonal) * _RANK_LOSS_ULPS * torch.finfo(image.dtype).eps
+    return basis if min(diagonal) <= lost else q
 
 
 def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool) -> torch.Tensor:
@@ -214,21 +222,58 @@ def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool) -> torch.Tensor
 @dataclass(frozen=True)
 class _SweepFactor:
     """One side's stacked factor F (L or R, k×Tρ) and its `rows` Fᵀ, both row-major (a
-    product with a transposed view runs at half speed), in the precision HOOI's large
-    products run in."""
+    product with a transposed view runs at half speed), in the precision HOOI's sweeps run
+    in; the bases and coordinates of a sweep are in that precision too."""
 
     factor: torch.Tensor
     factor_t: torch.Tensor
     count: int
 
     def project(self, basis: torch.Tensor) -> torch.Tensor:
-        """The stack of F_tᵀ·basis (T×ρ×r), in basis's dtype."""
-        product = self.factor_t @ basis.to(self.factor_t.dtype)
-        return product.view(self.count, -1, basis.shape[1]).to(basis.dtype)
+        """The stack of F_tᵀ·basis (T×ρ×r)."""
+        return (self.factor_t @ basis).view(self.count, -1, basis.shape[1])
 
     def image(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Σ_t F_t·blocks_t (k×r), in blocks' dtype."""
-        return (self.factor @ blocks.flatten(0, 1).to(self.factor.dtype)).to(blocks.dtype)
+        """Σ_t F_t·blocks_t (k×r)."""
+        return self.factor @ blocks.flatten(0, 1)
+
+
+def _coordinates(stack: FactorStack, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The stack of Pᵀ X̃_t Q = N_tᵀ M_t (T×r×r), in the stack's precision (float64)."""
+    return stack.project_left(p).transpose(1, 2) @ stack.project_right(q)
+
+
+def _sweeps(stack: FactorStack, p: torch.Tensor, q: torch.Tensor, tol: float,
+            max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """HOOI's sweeps from (P, Q), in the precision of `stack.rows`: float32 for large stacks,
+    bases and coordinates included, so a sweep converts nothing. Only rounding can make a
+    sweep lose energy; such a sweep is undone and ends the run."""
+    left_rows, right_rows = stack.rows
+    work = left_rows.dtype
+    left = _SweepFactor(stack.left.to(work), left_rows, stack.count)
+    right = _SweepFactor(stack.right.to(work), right_rows, stack.count)
+    p, q = p.to(work), q.to(work)
+    n, m = left.project(p), right.project(q)
+    coords = n.transpose(1, 2) @ m
+    energy = float(torch.vdot(coords.flatten(), coords.flatten()))
+    sweeps = 0
+    while sweeps < max_sweeps:
+        sweeps += 1
+        before = p, q, n, m, coords
+        p = _orthonormal(left.image(m @ coords.transpose(1, 2)), p)
+        n = left.project(p)
+        coords = n.transpose(1, 2) @ m
+        q = _orthonormal(right.image(n @ coords), q)
+        m = right.project(q)
+        coords = n.transpose(1, 2) @ m
+        new = float(torch.vdot(coords.flatten(), coords.flatten()))
+        if new < energy:
+            p, q, n, m, coords = before
+            break
+        improved, energy = new - energy, new
+        if improved <= tol * new:
+            break
+    return p, q, sweeps
 
 
 def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE, *,
@@ -237,39 +282,27 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
 
     With N_t = L_tᵀP, M_t = R_tᵀQ and C_t = Pᵀ X̃_t Q = N_tᵀ M_t, the HOOI images are
     G_Q P = Σ L_t M_t C_tᵀ and H_P Q = Σ R_t N_t C_t: two k×Tρ products per half-sweep.
+    The sweeps' subspaces are re-orthonormalised once in float64 at the end, and the
+    energies reported are measured in float64 on the subspaces returned.
     """
     total = stack.total_energy()
     left_gram, right_gram = stack.grams()
     p = top_eigenvectors(left_gram, rank).to(stack.left.dtype)
     q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
     del left_gram, right_gram
-    left_rows, right_rows = stack.rows
-    left = _SweepFactor(stack.left.to(left_rows.dtype), left_rows, stack.count)
-    right = _SweepFactor(stack.right.to(right_rows.dtype), right_rows, stack.count)
-    n, m = left.project(p), right.project(q)
-    coords = n.transpose(1, 2) @ m
+    coords = _coordinates(stack, p, q)
     start = energy = float(coords.pow(2).sum())
     sweeps = 0
     if mode == "hooi" and total > 0:
-        while sweeps < max_sweeps:
-            sweeps += 1
-            before = p, q, n, m, coords
-            p = _orthonormal(left.image(m @ coords.transpose(1, 2)), p)
-            n = left.project(p)
-            coords = n.transpose(1, 2) @ m
-            q = _orthonormal(right.image(n @ coords), q)
-            m = right.project(q)
-            coords = n.transpose(1, 2) @ m
-            new = float(torch.vdot(coords.flatten(), coords.flatten()))
-            if new < energy:            # only rounding lowers E: keep the previous sweep
-                p, q, n, m, coords = before
-                break
-            improved, energy = new - energy, new
-            if improved <= tol * new:
-                break
+        p_end, q_end, sweeps = _sweeps(stack, p, q, tol, max_sweeps)
+        p_end = torch.linalg.qr(p_end.to(stack.left.dtype))[0]
+        q_end = torch.linalg.qr(q_end.to(stack.left.dtype))[0]
+        coords_end = _coordinates(stack, p_end, q_end)
+        energy_end = float(coords_end.pow(2).sum())
+        if energy_end >= start:          # float32 sweeps can only round below the start
+            p, q, coords, energy = p_end, q_end, coords_end, energy_end
         p = _ritz(p, coords, left=True)
-        coords = left.project(p).transpose(1, 2) @ m
-        q = _ritz(q, coords, left=False)
+        q = _ritz(q, _coordinates(stack, p, q), left=False)
     scale = total if total > 0 else 1.0
     return Subspaces(p=p, q=q, mode=mode, sweeps=sweeps, energy=energy / scale,
                      start_energy=start / scale)

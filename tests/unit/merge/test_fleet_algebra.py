@@ -277,3 +277,20 @@ def test_float32_sweeps_keep_hooi_monotone_and_measured(old: ModuleType,
     old_space = old.core_space(factors)
     old_found = old.shared_subspaces(old_space.factor_stack(c), 16, "hooi")
     assert hooi.energy == pytest.approx(old_found.energy, rel=1e-3)
+
+
+@pytest.mark.parametrize("max_sweeps", [0, 1, 3])
+def test_float32_sweeps_report_the_float64_energy_and_never_less_than_the_start(
+        max_sweeps: int) -> None:
+    for seed in range(3):
+        factors = trained_like(600, 500, (32,) * 6, seed=seed)
+        space = cs.core_space(factors)
+        stack = space.factor_stack(torch.ones(len(factors), dtype=torch.float64))
+        assert stack.left.numel() >= FLOAT32_SWEEP_SIZE
+        found = shared_subspaces(stack, 8, "hooi", max_sweeps=max_sweeps)
+        assert found.p.dtype == torch.float64 and found.energy >= found.start_energy
+        assert torch.allclose(found.p.T @ found.p, torch.eye(8, dtype=torch.float64),
+                              atol=1e-6)      # the start's float32 eigenvectors, or better
+        coords = space.coordinates(found.p, found.q)
+        assert float(coords.pow(2).sum()) / stack.total_energy() == pytest.approx(
+            found.energy, rel=1e-12)
