@@ -201,11 +201,12 @@ def ctm_flops(m: int, n: int, ranks: Sequence[int], out_rank: int) -> dict[str, 
     V_r = Q_A Q: 2(m+n)Rk. Factor back: SVD of k×k ≈ 21k³, then B*, A*: 2(m+n)k².
     Element-wise work (scaling, stacking, the rule) is memory traffic, not counted.
 
-    This is the reference count the floor has always used. lorafold now does the QR step
-    as CholeskyQR (the float64 Gram B̂ᵀB̂, 2pR², with Q left implicit) and works from
-    R×R Grams instead of forming the cores; float64 runs at half the float32 rate, so in
-    float32 terms its work is about the same (slightly more: its R×R steps are float64
-    too), and the floor stays a floor.
+    This is the reference count the floor has always used: the reference algorithm's
+    work, not lorafold's. lorafold does the QR step as CholeskyQR from float32 Grams
+    (2pR² per side, 5/8 of it as symmetric panels, Q left implicit) and works from R×R
+    Grams instead of forming the cores: its large products are about a third of this
+    count (T = 8, r = 16: 325 of 969 GFLOP on the 70B-shaped set, 81 of 200 on Llama-2-7B),
+    so a ratio to this floor is not a ratio to lorafold's own flops (2.5–3× lower).
     """
     t, big_r, k = len(ranks), sum(ranks), out_rank
     return {
