@@ -134,8 +134,7 @@ def _energies(module: _Module, rank: int, subspace: str) -> torch.Tensor:
     rank = min(rank, module.dim)
     if rank not in module.cache:
         found = shared_subspaces(module.stack, rank, subspace)
-        coords = module.stack.project_left(found.p).transpose(1, 2) \
-            @ module.stack.project_right(found.q)                  # Pᵀ X̃_t Q, T×r×r
+        coords = module.stack.coordinates(found.p, found.q)        # Pᵀ X̃_t Q, T×r×r
         squares = (module.scales * module.norms) ** 2               # ‖X̃_t‖²
         shares = torch.where(squares > 0, coords.pow(2).sum(dim=(1, 2))
                              / torch.where(squares > 0, squares, 1.0), 1.0)

@@ -103,6 +103,10 @@ class FactorStack:
         """The stack of R_tᵀ Q (T×ρ×r)."""
         return (q.T @ self.right).T.reshape(self.count, -1, q.shape[1])
 
+    def coordinates(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The stack of Pᵀ X̃_t Q = N_tᵀ M_t (T×r×r), in the stack's dtype."""
+        return self.project_left(p).transpose(1, 2) @ self.project_right(q)
+
     @cached_property
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[L_1 … L_T]ᵀ and [R_1 … R_T]ᵀ (Tρ×k) laid out row-major, in the precision the
@@ -240,11 +244,6 @@ class _SweepFactor:
         return self.factor @ blocks.flatten(0, 1)
 
 
-def _coordinates(stack: FactorStack, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The stack of Pᵀ X̃_t Q = N_tᵀ M_t (T×r×r), in the stack's precision (float64)."""
-    return stack.project_left(p).transpose(1, 2) @ stack.project_right(q)
-
-
 def _sweep_factors(stack: FactorStack) -> tuple[_SweepFactor, _SweepFactor]:
     """Both sides' factors in the precision of `stack.rows` (float32 for large stacks)."""
     left_rows, right_rows = stack.rows
@@ -252,15 +251,13 @@ def _sweep_factors(stack: FactorStack) -> tuple[_SweepFactor, _SweepFactor]:
             _SweepFactor(stack.right.to(right_rows.dtype), right_rows, stack.count))
 
 
-def _sweeps(left: _SweepFactor, right: _SweepFactor, p: torch.Tensor, q: torch.Tensor,
+def _sweeps(left: _SweepFactor, right: _SweepFactor, start: tuple[torch.Tensor, ...],
             energy: float, tol: float, max_sweeps: int,
             ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """HOOI's sweeps from (P, Q) of energy `energy`, in the factors' precision, bases and
-    coordinates included, so a sweep converts nothing. Only rounding can make a sweep lose
-    energy; such a sweep is undone and ends the run."""
-    p, q = p.to(left.factor.dtype), q.to(right.factor.dtype)
-    n, m = left.project(p), right.project(q)
-    coords = n.transpose(1, 2) @ m
+    """HOOI's sweeps from `start` = (P, Q, N, M, C), of energy `energy`, in the factors'
+    precision, bases and coordinates included, so a sweep converts nothing. Only rounding
+    can make a sweep lose energy; such a sweep is undone and ends the run."""
+    p, q, n, m, coords = start
     sweeps = 0
     while sweeps < max_sweeps:
         sweeps += 1
@@ -296,15 +293,17 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
     q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
     del left_gram, right_gram
     left, right = _sweep_factors(stack)
-    coords = left.project(p.to(left.factor.dtype)).transpose(1, 2) \
-        @ right.project(q.to(right.factor.dtype))
+    p_work, q_work = p.to(left.factor.dtype), q.to(right.factor.dtype)
+    n, m = left.project(p_work), right.project(q_work)
+    coords = n.transpose(1, 2) @ m
     start = energy = float(coords.pow(2).sum())
     sweeps = 0
     if mode == "hooi" and total > 0:
-        p_end, q_end, sweeps = _sweeps(left, right, p, q, start, tol, max_sweeps)
+        p_end, q_end, sweeps = _sweeps(left, right, (p_work, q_work, n, m, coords), start,
+                                       tol, max_sweeps)
         p_end = torch.linalg.qr(p_end.to(stack.left.dtype))[0]
         q_end = torch.linalg.qr(q_end.to(stack.left.dtype))[0]
-        coords_end = _coordinates(stack, p_end, q_end)
+        coords_end = stack.coordinates(p_end, q_end)
         energy_end = float(coords_end.pow(2).sum())
         if energy_end >= start:          # float32 sweeps can only round below the start
             p, q, coords, energy = p_end, q_end, coords_end, energy_end
