@@ -16,8 +16,13 @@ HOSVD start, HOOI). Here:
          lowers E (for a PSD G, tr(P'ᵀ G P') ≥ tr(Pᵀ G P) with P' = orth(G P)), costs
          O(k·R·r) from the factors instead of a k×k eigendecomposition, and its fixed
          points are HOOI's: P spans an invariant subspace of G_Q and Q one of H_P, the
-         first-order condition of the Tucker-2 problem. Sweeps stop when E improves by less
-         than `tol` (relative) or after `max_sweeps`.
+         first-order condition of the Tucker-2 problem. From the second sweep on, each
+         sweep is followed by an extrapolation: P and Q moved on along the line from where
+         the sweep started through where it ended, `step` times as far, kept if E is
+         higher there (`_extrapolated`; Bro's line search for ALS). Where the alternation
+         crawls (flat spectra) this halves the sweeps or better and ends higher; it never
+         lowers E. Sweeps stop when E improves by less than `tol` (relative) or after
+         `max_sweeps`.
 
 HOSVD returns the eigenvectors themselves; HOOI rotates P and Q within their spans to the
 eigenvectors of Pᵀ G_Q P and Qᵀ H_P Q, largest first. Either way the basis is fixed by the
@@ -49,11 +54,24 @@ from lorafold.merge.gram import gram_matrix
 from lorafold.merge.options import DEFAULT_SUBSPACE
 from lorafold.merge.threads import big_op
 
-# Stop when a sweep raises E by less than this (relative). Measured on random T = 8, r = 16
-# stacks (flat spectra, HOOI's slowest case): 1e-4 keeps 99.7–99.8 % of the energy gain of
-# a run to 1e-9 in 19–27 sweeps instead of 180–350; 1e-3 keeps 99 % in 8–10.
+# Stop when a sweep raises E by less than this (relative). Measured on random 4096×4096
+# stacks of rank-16 inputs (flat spectra, HOOI's slowest case), with extrapolation: at
+# T = 8, 1e-4 keeps 99.94 % of the energy gain of a run to 1e-12 in 17 sweeps (plain
+# sweeps kept 99.75 % in 27, and took 153 to converge); at T = 32, 99.83 % in 16 (plain:
+# 99.77 % in 41, converged in 289). Trained-like stacks (decaying spectra) stop in 2–5.
 HOOI_TOL = 1e-4
 HOOI_MAX_SWEEPS = 100
+# After every HOOI sweep but the first, try the subspaces this many times as far along
+# the sweep's step (`_extrapolated`), kept only where they hold more energy; the factor
+# grows after a success and halves (down to this) after a failure. Extrapolation after
+# each ALS step is Bro's speed-up for PARAFAC (R. Bro, Multi-way Analysis in the Food
+# Industry, 1998). Also extrapolating the first sweep (the largest step, from the HOSVD
+# start) saved no sweeps in the cases above. An extrapolation costs about 0.7 of a
+# sweep (two projections, two QRs): at k = 128 (T = 8, r = 16) the subspace step takes
+# ~6 % longer for the higher energy, from k = 512 on it is faster (T = 64, r = 16:
+# 20 sweeps instead of 54, 182 against 216 ms).
+EXTRAPOLATION_STEP = 2.0
+EXTRAPOLATION_GROWTH = 1.5
 # Use LAPACK's partial eigensolver from this size on (on the CPU, for at most half of the
 # eigenpairs): float64, quiet 2 cores, 15 against 90 ms at k = 256, 39 against 108 at 1,024,
 # 222 against 1,026 at 2,048; below 256 both take a few ms. Below PARALLEL_EIGH_MIN_DIM it
@@ -251,31 +269,77 @@ def _sweep_factors(stack: FactorStack) -> tuple[_SweepFactor, _SweepFactor]:
             _SweepFactor(stack.right.to(right_rows.dtype), right_rows, stack.count))
 
 
-def _sweeps(left: _SweepFactor, right: _SweepFactor, start: tuple[torch.Tensor, ...],
-            energy: float, tol: float, max_sweeps: int,
-            ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """HOOI's sweeps from `start` = (P, Q, N, M, C), of energy `energy`, in the factors'
-    precision, bases and coordinates included, so a sweep converts nothing. Only rounding
-    can make a sweep lose energy; such a sweep is undone and ends the run."""
-    p, q, n, m, coords = start
-    sweeps = 0
+@dataclass(frozen=True)
+class _SweepState:
+    """Bases P, Q, their projections N = Lᵀ·P and M = Rᵀ·Q (stacked), C_t = N_tᵀ M_t and
+    E = Σ‖C_t‖²: everything the next sweep starts from."""
+
+    p: torch.Tensor
+    q: torch.Tensor
+    n: torch.Tensor
+    m: torch.Tensor
+    coords: torch.Tensor
+    energy: float
+
+
+def _measured(p: torch.Tensor, q: torch.Tensor, n: torch.Tensor, m: torch.Tensor,
+              ) -> _SweepState:
+    coords = n.transpose(1, 2) @ m
+    return _SweepState(p, q, n, m, coords, float(torch.vdot(coords.flatten(), coords.flatten())))
+
+
+def _state(left: _SweepFactor, right: _SweepFactor, p: torch.Tensor, q: torch.Tensor,
+           ) -> _SweepState:
+    return _measured(p, q, left.project(p), right.project(q))
+
+
+def _sweep(left: _SweepFactor, right: _SweepFactor, at: _SweepState) -> _SweepState:
+    """One HOOI sweep: P ← orth(G_Q P), then Q ← orth(H_P Q) with the new P."""
+    p = _orthonormal(left.image(at.m @ at.coords.transpose(1, 2)), at.p)
+    n = left.project(p)
+    q = _orthonormal(right.image(n @ (n.transpose(1, 2) @ at.m)), at.q)
+    return _measured(p, q, n, right.project(q))
+
+
+def _beyond(old: torch.Tensor, new: torch.Tensor, step: float) -> torch.Tensor:
+    """An orthonormal basis of span(old + step·D), D = new·W⁻¹ − old with W = oldᵀnew: D
+    is the tangent at span(old) that reaches span(new) at step 1 (Edelman, Arias & Smith
+    1998, SIAM J. Matrix Anal. Appl. 20(2)). Taken as span((1 − step)·old·W + step·new),
+    the same span times W, so no inverse is needed; any bases of the two spans give the
+    same span (gauge invariance)."""
+    return torch.linalg.qr(torch.lerp(old @ (old.T @ new), new, step))[0]
+
+
+def _extrapolated(left: _SweepFactor, right: _SweepFactor, before: _SweepState,
+                  after: _SweepState, step: float) -> _SweepState | None:
+    """The subspaces `step` times as far from `before` as the sweep went (both sides), if
+    they hold more energy than the sweep's own; else None."""
+    jump = _state(left, right, _beyond(before.p, after.p, step),
+                  _beyond(before.q, after.q, step))
+    return jump if jump.energy > after.energy else None
+
+
+def _sweeps(left: _SweepFactor, right: _SweepFactor, start: _SweepState, tol: float,
+            max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """HOOI's sweeps from `start`, in the factors' precision, bases and coordinates
+    included, so a sweep converts nothing; each sweep after the first is followed by an
+    extrapolation (`EXTRAPOLATION_STEP`). Only rounding can make a sweep lose energy; such
+    a sweep is undone and ends the run."""
+    at, step, sweeps = start, EXTRAPOLATION_STEP, 0
     while sweeps < max_sweeps:
         sweeps += 1
-        before = p, q
-        p = _orthonormal(left.image(m @ coords.transpose(1, 2)), p)
-        n = left.project(p)
-        coords = n.transpose(1, 2) @ m
-        q = _orthonormal(right.image(n @ coords), q)
-        m = right.project(q)
-        coords = n.transpose(1, 2) @ m
-        new = float(torch.vdot(coords.flatten(), coords.flatten()))
-        if new < energy:
-            p, q = before
+        swept = _sweep(left, right, at)
+        if swept.energy < at.energy:
             break
-        improved, energy = new - energy, new
-        if improved <= tol * new:
+        if sweeps > 1:
+            jump = _extrapolated(left, right, at, swept, step)
+            step = step * EXTRAPOLATION_GROWTH if jump is not None else max(
+                EXTRAPOLATION_STEP, step / 2)
+            swept = jump or swept
+        improved, at = swept.energy - at.energy, swept
+        if improved <= tol * at.energy:
             break
-    return p, q, sweeps
+    return at.p, at.q, sweeps
 
 
 def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE, *,
@@ -293,14 +357,12 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
     q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
     del left_gram, right_gram
     left, right = _sweep_factors(stack)
-    p_work, q_work = p.to(left.factor.dtype), q.to(right.factor.dtype)
-    n, m = left.project(p_work), right.project(q_work)
-    coords = n.transpose(1, 2) @ m
-    start = energy = float(coords.pow(2).sum())
+    first = _state(left, right, p.to(left.factor.dtype), q.to(right.factor.dtype))
+    start = energy = first.energy
+    coords = first.coords
     sweeps = 0
     if mode == "hooi" and total > 0:
-        p_end, q_end, sweeps = _sweeps(left, right, (p_work, q_work, n, m, coords), start,
-                                       tol, max_sweeps)
+        p_end, q_end, sweeps = _sweeps(left, right, first, tol, max_sweeps)
         p_end = torch.linalg.qr(p_end.to(stack.left.dtype))[0]
         q_end = torch.linalg.qr(q_end.to(stack.left.dtype))[0]
         coords_end = stack.coordinates(p_end, q_end)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorafold.merge import subspaces
 from lorafold.merge.core_space import core_space
 from lorafold.merge.methods import METHODS, MethodInput, rescaled_weights
 from lorafold.merge.rules import RULES, RuleParams, isotropic
@@ -154,3 +155,37 @@ def test_a_single_input_needs_no_sweep_beyond_its_own_svd() -> None:
     u_ref, s, vh = torch.linalg.svd(delta)
     assert projector_gap(u, u_ref[:, :3]) < 1e-5 and projector_gap(v, vh[:3].T) < 1e-5
     assert found.energy == pytest.approx(float(s[:3].pow(2).sum() / s.pow(2).sum()), rel=1e-6)
+
+
+def random_basis(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))[0]
+
+
+def test_extrapolation_runs_along_the_line_through_both_spans() -> None:
+    """Step 0 gives span(old), step 1 span(new), and the span found does not depend on
+    which bases of the two spans it is given."""
+    old, new = random_basis(40, 5, seed=10), random_basis(40, 5, seed=11)
+    assert projector_gap(subspaces._beyond(old, new, 0.0), old) < 1e-10
+    assert projector_gap(subspaces._beyond(old, new, 1.0), new) < 1e-10
+    turn_old, turn_new = random_basis(5, 5, seed=12), random_basis(5, 5, seed=13)
+    far = subspaces._beyond(old, new, 2.5)
+    assert projector_gap(subspaces._beyond(old @ turn_old, new @ turn_new, 2.5), far) < 1e-10
+    assert projector_gap(far, old) > 0.1 and projector_gap(far, new) > 0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_extrapolation_takes_fewer_sweeps_to_more_energy(seed: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On flat spectra (plain HOOI's slow case) the extrapolated sweeps stop earlier and
+    higher. A step of 1 that never grows never leaves the sweep's own subspaces: plain
+    HOOI."""
+    g = torch.Generator().manual_seed(seed)
+    factors = [(torch.randn(256, 8, generator=g), torch.randn(8, 256, generator=g))
+               for _ in range(16)]
+    fast, *_ = solve(factors, 8, "hooi")
+    monkeypatch.setattr(subspaces, "EXTRAPOLATION_STEP", 1.0)
+    monkeypatch.setattr(subspaces, "EXTRAPOLATION_GROWTH", 1.0)
+    plain, *_ = solve(factors, 8, "hooi")
+    assert fast.sweeps < 0.8 * plain.sweeps
+    assert fast.energy >= plain.energy
