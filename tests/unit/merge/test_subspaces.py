@@ -163,14 +163,25 @@ def random_basis(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def test_extrapolation_runs_along_the_line_through_both_spans() -> None:
-    """Step 0 gives span(old), step 1 span(new), and the span found does not depend on
-    which bases of the two spans it is given."""
+    """Step 0 gives span(old), step 1 span(new); the span found does not depend on which
+    bases of the two spans it is given, and its projections Fᵀ·basis, found from old's
+    and new's without F, are the ones F gives."""
+    factor = torch.randn(40, 12, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def beyond(old: torch.Tensor, new: torch.Tensor, step: float) -> torch.Tensor:
+        def project(basis: torch.Tensor) -> torch.Tensor:   # three inputs of rank 4
+            return (factor.T @ basis).view(3, 4, -1)
+
+        basis, image = subspaces._beyond(old, project(old), new, project(new), step)
+        torch.testing.assert_close(image, project(basis), rtol=0, atol=1e-9)
+        return basis
+
     old, new = random_basis(40, 5, seed=10), random_basis(40, 5, seed=11)
-    assert projector_gap(subspaces._beyond(old, new, 0.0), old) < 1e-10
-    assert projector_gap(subspaces._beyond(old, new, 1.0), new) < 1e-10
+    assert projector_gap(beyond(old, new, 0.0), old) < 1e-10
+    assert projector_gap(beyond(old, new, 1.0), new) < 1e-10
     turn_old, turn_new = random_basis(5, 5, seed=12), random_basis(5, 5, seed=13)
-    far = subspaces._beyond(old, new, 2.5)
-    assert projector_gap(subspaces._beyond(old @ turn_old, new @ turn_new, 2.5), far) < 1e-10
+    far = beyond(old, new, 2.5)
+    assert projector_gap(beyond(old @ turn_old, new @ turn_new, 2.5), far) < 1e-10
     assert projector_gap(far, old) > 0.1 and projector_gap(far, new) > 0.1
 
 
@@ -178,14 +189,12 @@ def test_extrapolation_runs_along_the_line_through_both_spans() -> None:
 def test_extrapolation_takes_fewer_sweeps_to_more_energy(seed: int,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """On flat spectra (plain HOOI's slow case) the extrapolated sweeps stop earlier and
-    higher. A step of 1 that never grows never leaves the sweep's own subspaces: plain
-    HOOI."""
+    higher than plain ones (the path below `EXTRAPOLATION_MIN_SIZE`)."""
     g = torch.Generator().manual_seed(seed)
-    factors = [(torch.randn(256, 8, generator=g), torch.randn(8, 256, generator=g))
-               for _ in range(16)]
-    fast, *_ = solve(factors, 8, "hooi")
-    monkeypatch.setattr(subspaces, "EXTRAPOLATION_STEP", 1.0)
-    monkeypatch.setattr(subspaces, "EXTRAPOLATION_GROWTH", 1.0)
-    plain, *_ = solve(factors, 8, "hooi")
+    factors = [(torch.randn(640, 16, generator=g), torch.randn(16, 640, generator=g))
+               for _ in range(32)]
+    fast, *_ = solve(factors, 16, "hooi")
+    monkeypatch.setattr(subspaces, "EXTRAPOLATION_MIN_SIZE", 1 << 40)
+    plain, *_ = solve(factors, 16, "hooi")
     assert fast.sweeps < 0.8 * plain.sweeps
     assert fast.energy >= plain.energy
