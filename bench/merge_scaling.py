@@ -282,8 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a 256×256 module in seconds; prints the table, writes nothing")
-    parser.add_argument("--points", help="comma-separated TxR points to run, e.g. 8x256,8x512 "
-                        "(default: the whole sweep)")
+    parser.add_argument("--points", help="comma-separated Txr points to run (T inputs of rank "
+                        "r), e.g. 64x16,8x128 (default: the whole sweep)")
     parser.add_argument("--reps", type=int, help="runs per method and point (median kept)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all)")
     parser.add_argument("--reference-max-r", type=int,
@@ -301,7 +301,7 @@ def config_from(args: argparse.Namespace) -> ScalingConfig:
             points = tuple((int(t), int(r)) for t, r in
                            (p.split("x") for p in args.points.split(",")))
         except ValueError:
-            raise SystemExit(f"--points wants TxR pairs, got {args.points!r}") from None
+            raise SystemExit(f"--points wants Txr pairs, got {args.points!r}") from None
         cfg = replace(cfg, points=points)
     if args.reps is not None:
         if args.reps < 1:
