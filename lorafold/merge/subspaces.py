@@ -69,10 +69,11 @@ HOOI_MAX_SWEEPS = 100
 # start) saved no sweeps in the cases above. An extrapolation takes no product with the
 # factors (`_beyond`), only k×r and smaller work: 84 µs at k = 128 against 90 for a sweep,
 # 0.38 ms at k = 1,024 against 1.7–2.4. So it runs from EXTRAPOLATION_MIN_SIZE stack
-# entries (k·Tρ) on, k = 512 at R = 512: measured side by side (4096×4096, rank 16, 2
-# cores), the subspace step took 38 against 45 ms at T = 32, r = 16 and 192 against 242
-# at T = 64, but at k = 256 it was 6–7 % slower for two of three stacks, and at k = 128
-# (T = 8, r = 16) 9.5 against 8.2 ms, for 0.1–0.2 % more energy.
+# entries (k·Tρ) on, i.e. from R = 363 where k = R ≤ m, n. Measured side by side
+# (4096×4096, rank 16, 2 cores), the subspace step took 38 against 45 ms at T = 32,
+# r = 16 and 192 against 242 at T = 64, but at k = 256 it was 6–7 % slower for two of
+# three stacks, and at k = 128 (T = 8, r = 16) 9.5 against 8.2 ms, for 0.1–0.2 % more
+# energy.
 EXTRAPOLATION_STEP = 2.0
 EXTRAPOLATION_GROWTH = 1.5
 EXTRAPOLATION_MIN_SIZE = 1 << 17
