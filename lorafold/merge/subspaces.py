@@ -55,10 +55,10 @@ from lorafold.merge.options import DEFAULT_SUBSPACE
 from lorafold.merge.threads import big_op
 
 # Stop when a sweep raises E by less than this (relative). Measured on random 4096×4096
-# stacks of rank-16 inputs (flat spectra, HOOI's slowest case), with extrapolation: at
-# T = 8, 1e-4 keeps 99.94 % of the energy gain of a run to 1e-12 in 17 sweeps (plain
-# sweeps kept 99.75 % in 27, and took 153 to converge); at T = 32, 99.83 % in 16 (plain:
-# 99.77 % in 41, converged in 289). Trained-like stacks (decaying spectra) stop in 2–5.
+# stacks of rank-16 inputs (flat spectra, HOOI's slowest case): at T = 8 (R = 128, plain
+# sweeps) 1e-4 keeps 99.75 % of the energy gain of a run to 1e-12 in 27 sweeps (153 to
+# converge); at T = 32 (R = 512, extrapolated) 99.83 % in 16 (plain sweeps: 99.77 % in 41,
+# converged in 289). Trained-like stacks (decaying spectra) stop after 2–5.
 HOOI_TOL = 1e-4
 HOOI_MAX_SWEEPS = 100
 # After every HOOI sweep but the first, try the subspaces this many times as far along
