@@ -335,9 +335,9 @@ def _extrapolated(before: _SweepState, after: _SweepState, step: float) -> _Swee
 def _sweeps(left: _SweepFactor, right: _SweepFactor, start: _SweepState, tol: float,
             max_sweeps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """HOOI's sweeps from `start`, in the factors' precision, bases and coordinates
-    included, so a sweep converts nothing; each sweep after the first is followed by an
-    extrapolation (`EXTRAPOLATION_STEP`). Only rounding can make a sweep lose energy; such
-    a sweep is undone and ends the run."""
+    included, so a sweep converts nothing; on stacks of `EXTRAPOLATION_MIN_SIZE` entries
+    or more each sweep after the first is followed by an extrapolation. Only rounding can
+    make a sweep lose energy; such a sweep is undone and ends the run."""
     at, step, sweeps = start, EXTRAPOLATION_STEP, 0
     extrapolate = left.factor.numel() >= EXTRAPOLATION_MIN_SIZE
     while sweeps < max_sweeps:
