@@ -21,7 +21,8 @@ HOSVD start, HOOI). Here:
          the sweep started through where it ended, `step` times as far, kept if E is
          higher there (`_extrapolated`; Bro's line search for ALS), on stacks of
          `EXTRAPOLATION_MIN_SIZE` entries or more. Where the alternation crawls (flat
-         spectra) this halves the sweeps or better and ends higher; it never lowers E.
+         spectra) this cuts the sweeps by 1.3–3× and mostly stops higher (21 of 22 stacks
+         measured; one stopped 0.2 % lower, at another point); a jump never lowers E.
          Sweeps stop when E improves by less than `tol` (relative) or after `max_sweeps`.
 
 HOSVD returns the eigenvectors themselves; HOOI rotates P and Q within their spans to the
