@@ -348,9 +348,10 @@ def _sweeps(left: _SweepFactor, right: _SweepFactor, start: _SweepState, tol: fl
             break
         if extrapolate and sweeps > 1:
             jump = _extrapolated(at, swept, step)
-            step = step * EXTRAPOLATION_GROWTH if jump is not None else max(
-                EXTRAPOLATION_STEP, step / 2)
-            swept = jump or swept
+            if jump is None:
+                step = max(EXTRAPOLATION_STEP, step / 2)
+            else:
+                step, swept = step * EXTRAPOLATION_GROWTH, jump
         improved, at = swept.energy - at.energy, swept
         if improved <= tol * at.energy:
             break
