@@ -35,7 +35,8 @@ Cost at large R (k up to R, or p on the full-space path): the two k×k Grams are
 symmetric product each (k²R flops, `FactorStack.grams`), and only their top r eigenvectors
 are taken, by LAPACK's partial solver (tridiagonalisation, then MRRR for r of the k
 eigenpairs: `top_eigh`), as exact as the full solver and 2.5–4.5× faster at k = 1,024–2,048
-here. Once the stack is large (`FLOAT32_SWEEP_SIZE`) the Grams, their eigensolver and the
+here; the two run side by side, one per core, where the merge has two threads
+(`top_eighs`, `lapack.partial_eighs`). Once the stack is large (`FLOAT32_SWEEP_SIZE`) the Grams, their eigensolver and the
 sweeps (the k×R by R×r products, the r×r work and the QRs) run in float32: a sweep only
 has to find a better subspace. A sweep that rounding would make lose energy is undone and
 ends the run; the subspaces found are re-orthonormalised in float64 and their energy
@@ -45,13 +46,14 @@ never drops.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property
-from typing import Any
+from functools import cached_property
 
 import torch
 
 from lorafold.merge.gram import gram_matrix
+from lorafold.merge.lapack import partial_eighs
 from lorafold.merge.options import DEFAULT_SUBSPACE
 from lorafold.merge.threads import big_op
 
@@ -81,7 +83,9 @@ EXTRAPOLATION_MIN_SIZE = 1 << 17
 # Use LAPACK's partial eigensolver from this size on (on the CPU, for at most half of the
 # eigenpairs): float64, quiet 2 cores, 15 against 90 ms at k = 256, 39 against 108 at 1,024,
 # 222 against 1,026 at 2,048; below 256 both take a few ms. Below PARALLEL_EIGH_MIN_DIM it
-# runs on one BLAS thread:
+# runs on one BLAS thread, and the left and right solves run at once in two threads where
+# the merge has two (T = 64, r = 16, 2 cores: the pair 38–42 against 75 ms, the merge
+# 0.259 against 0.277 s, medians of 7 alternating; T = 8, r = 128: 0.246 against 0.276):
 # its tridiagonalisation is memory-bound, and beside busy processes scipy's OpenBLAS on two
 # threads took 1.8× as long as on one (226 against 123 ms at k = 1,024, load ≈ 4).
 PARTIAL_EIGH_MIN_DIM = 256
@@ -195,35 +199,35 @@ def _square_root(gram: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt().unsqueeze(1)).transpose(1, 2)
 
 
-@cache
-def _blas_threads() -> Any:
-    """threadpoolctl's handle on the BLAS that scipy's LAPACK calls (found once)."""
-    from threadpoolctl import ThreadpoolController
-    return ThreadpoolController()
-
-
 def top_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rank` largest eigenvalues and their eigenvectors of a symmetric matrix, largest
     first, in its dtype: LAPACK's partial solver (syevr) where it is cheaper, else the full
     eigh."""
-    size = gram.shape[0]
+    return top_eighs([gram], rank)[0]
+
+
+def top_eighs(grams: Sequence[torch.Tensor], rank: int,
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`top_eigh` of each of a few same-sized matrices. Where the partial solver runs on
+    one BLAS thread (PARTIAL_EIGH_MIN_DIM ≤ k < PARALLEL_EIGH_MIN_DIM) and the merge has
+    two threads or more, they are solved side by side, one per core (`partial_eighs`)."""
+    size = grams[0].shape[0]
     rank = min(rank, size)
-    if gram.device.type != "cpu" or size < PARTIAL_EIGH_MIN_DIM or 2 * rank > size:
-        with big_op("eigh", 9.0 * size**3):
-            values, vectors = torch.linalg.eigh(gram)
-        return values[-rank:].flip(0), vectors[:, -rank:].flip(1)
-    from scipy.linalg import eigh
-    threads = torch.get_num_threads() if size >= PARALLEL_EIGH_MIN_DIM else 1
-    with _blas_threads().limit(limits=threads, user_api="blas"):
-        values, vectors = eigh(gram.numpy(), subset_by_index=(size - rank, size - 1),
-                               driver="evr", check_finite=False)
-    return (torch.from_numpy(values.copy()).to(gram.dtype).flip(0),
-            torch.from_numpy(vectors.copy()).to(gram.dtype).flip(1))
-
-
-def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
-    """The `rank` leading eigenvectors of a symmetric PSD matrix, largest first."""
-    return top_eigh(gram, rank)[1]
+    if grams[0].device.type != "cpu" or size < PARTIAL_EIGH_MIN_DIM or 2 * rank > size:
+        solved = []
+        for gram in grams:
+            with big_op("eigh", 9.0 * size**3):
+                values, vectors = torch.linalg.eigh(gram)
+            solved.append((values[-rank:].flip(0), vectors[:, -rank:].flip(1)))
+        return solved
+    threads = torch.get_num_threads()
+    alone = size >= PARALLEL_EIGH_MIN_DIM
+    found = partial_eighs([gram.numpy() for gram in grams], rank,
+                          blas_threads=threads if alone else 1,
+                          parallel=not alone and threads > 1)
+    return [(torch.from_numpy(values).to(gram.dtype).flip(0),
+             torch.from_numpy(vectors).to(gram.dtype).flip(1))
+            for gram, (values, vectors) in zip(grams, found, strict=True)]
 
 
 # A QR diagonal entry this many units of roundoff below the largest means the image lost a
@@ -369,8 +373,8 @@ def shared_subspaces(stack: FactorStack, rank: int, mode: str = DEFAULT_SUBSPACE
     """
     total = stack.total_energy()
     left_gram, right_gram = stack.grams()
-    p = top_eigenvectors(left_gram, rank).to(stack.left.dtype)
-    q = top_eigenvectors(right_gram, rank).to(stack.left.dtype)
+    (_, p), (_, q) = top_eighs([left_gram, right_gram], rank)
+    p, q = p.to(stack.left.dtype), q.to(stack.left.dtype)
     del left_gram, right_gram
     left, right = _sweep_factors(stack)
     first = _state(left, right, p.to(left.factor.dtype), q.to(right.factor.dtype))

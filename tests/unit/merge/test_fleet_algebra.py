@@ -27,7 +27,9 @@ from lorafold.merge.subspaces import (
     PARTIAL_EIGH_MIN_DIM,
     shared_subspaces,
     top_eigh,
+    top_eighs,
 )
+from lorafold.merge.threads import torch_threads
 from tests.unit.bench.bench_loader import load_bench
 
 EXACT = 1e-5
@@ -173,6 +175,19 @@ def test_top_eigh_is_the_full_eigh_top_r(size: int) -> None:
     assert float(torch.trace(vectors.T @ gram @ vectors)) == pytest.approx(exact, rel=1e-12)
     assert bool((values[:-1] >= values[1:]).all())
     assert projector_gap(vectors, full_vectors[:, -16:]) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_eighs_side_by_side_are_each_top_eigh(threads: int) -> None:
+    """Two threads: the HOSVD start's two solves run side by side; one: in turn."""
+    g = torch.Generator().manual_seed(9)
+    grams = [x @ x.T for x in torch.randn(2, 300, 300, generator=g)]
+    with torch_threads(threads):
+        both = top_eighs(grams, 16)
+    for gram, (values, vectors) in zip(grams, both, strict=True):
+        one_values, one_vectors = top_eigh(gram, 16)
+        assert values.dtype == vectors.dtype == torch.float32
+        assert torch.equal(values, one_values) and torch.equal(vectors, one_vectors)
 
 
 @pytest.mark.parametrize("shape", [(300, 300), (200, 320), (320, 200)])
