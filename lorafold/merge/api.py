@@ -72,12 +72,12 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
                    device: str | None = None, progress: Progress | None = None,
                    checkpoint: Checkpoint | None = None,
                    lineage_extra: dict[str, Any] | None = None,
-                   read_ahead: int | None = None) -> MergeResult:
+                   read_ahead: int | None = None, workers: int | None = None) -> MergeResult:
     """Open, plan, merge module by module into a streaming writer, then publish the output
     adapter atomically.
 
     Inputs may be opened `LoraAdapter`s (their labels name them in the report) or paths.
-    Any error leaves `out_dir` untouched. `read_ahead`: see `execute_merge`.
+    Any error leaves `out_dir` untouched. `read_ahead`, `workers`: see `execute_merge`.
     """
     started = time.perf_counter()
     check_request(request, len(inputs))
@@ -107,7 +107,7 @@ def merge_adapters(inputs: Sequence[AdapterInput], out_dir: Path | str, request:
         try:
             output = execute_merge(plan, adapters, device=compute_device, progress=progress,
                                    checkpoint=checkpoint, sink=writer.add,
-                                   read_ahead=read_ahead)
+                                   read_ahead=read_ahead, workers=workers)
         finally:
             release_device_memory(compute_device)
         written = [MergedModule(spec, torch.empty(0, plan.rank, device="meta"),

@@ -1,27 +1,35 @@
 """Run a merge plan module by module, with reading and writing overlapped with compute.
 
-Three stages run at once (`pipeline`) where there is a core for each: a reader thread
-loads the next module's factors
-(plain reads, the inputs' sha256 on the way, the NaN/Inf check, the float32 upcast), the
-caller's thread merges the current module, and a writer thread hands the previous module's
-output to the sink (e.g. `AdapterWriter.add`, which writes it to disk). Each stage is at
-most one module ahead of the next, so memory is bounded by the inputs of two modules (the
-one merging, the one read ahead) plus the outputs of three (one being written, one queued,
-one just merged): never the whole model. Without a sink the outputs are returned (and held) instead.
+On the CPU, modules are merged two at once (`_side_by_side`, `default_workers`): a pool of
+two threads merges, each on half the merge's torch threads, while the caller's thread
+reads the next module's factors in plan order (plain reads, the inputs' sha256 on the
+way, the NaN/Inf check, the float32 upcast) and hands finished modules to the sink (e.g.
+`AdapterWriter.add`) in plan order. A module is read once the oldest of the two in flight
+is done, so memory holds two modules' inputs and at most three outputs.
+
+Otherwise (a GPU, a dense method, a merge on one thread) modules are merged in turn, with
+three stages at once where there is a core for each: a reader thread loads the next
+module's factors, the caller's thread merges the current module, and a writer thread
+hands the previous module's output to the sink. Each stage is at most one module ahead
+of the next, so memory is bounded by the inputs of two modules (the one merging, the one
+read ahead) plus the outputs of three (one being written, one queued, one just merged):
+never the whole model. Without a sink the outputs are returned (and held) instead.
 
 Between modules the executor reports progress and calls the cancellation checkpoint; on
-any error or cancellation both threads stop, and the caller's writer discards its staging
-files, so nothing is published.
+any error or cancellation every thread stops (a module already merging finishes first),
+and the caller's writer discards its staging files, so nothing is published.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +46,12 @@ from lorafold.merge.pipeline import Prefetch, WriteBehind
 from lorafold.merge.plan import MergePlan, ModulePlan
 from lorafold.merge.report import module_report, subspace_report, subspace_summary, summarize
 from lorafold.merge.subspaces import Subspaces
-from lorafold.merge.threads import adaptive_threads, module_ops
+from lorafold.merge.threads import (
+    adaptive_threads,
+    gil_switch_interval,
+    module_ops,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +169,79 @@ def default_read_ahead(device: torch.device) -> int:
     return 1 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
 
 
+# Modules merged at once on the CPU. Two keep the memory bound of the one-at-a-time pipeline
+# (two modules' inputs, three outputs); the merge's threads are split between them.
+MODULE_WORKERS = 2
+# Python's thread switch interval while they run. The two workers and the reading thread
+# hand the GIL back and forth between small torch ops; at the default 5 ms, 32 Llama-7B
+# layers took 2.74–2.85 s with two workers (2.71–2.92 s one module at a time); at 0.5–2 ms
+# 2.11–2.39 s (2 cores, one run each, alternating).
+GIL_SWITCH_S = 0.0005
+
+
+def default_workers(plan: MergePlan, device: torch.device) -> int:
+    """How many modules to merge at once: `MODULE_WORKERS` on the CPU where the merge has
+    that many torch threads (in the service, cores ÷ workers), else 1.
+
+    Most of a module's CtM time at R = 128 is small ops (r×r and R×r work, LAPACK on
+    128×128) that run no faster on two threads than on one. Two modules side by side, one
+    torch thread each, keep both cores busy with no OpenMP barrier between them, so they
+    also hold up beside a busy process, where a barrier waits out the other's time slice.
+    Measured on 2 cores, 32 Llama-7B layers, fresh processes alternating: idle 2.43 s
+    against 2.70 s one module at a time (medians of 6); beside one busy process 3.25–4.04 s
+    against 5.38–5.68 s (3 each); the 70B-shaped set 8.0–8.7 s against 8.4–10.7 s. Not for
+    a dense method (mtc), whose per-module memory is m×n stacks, nor on a GPU, which runs
+    one module's kernels at a time anyway."""
+    if device.type != "cpu" or plan.method.dense:
+        return 1
+    return max(1, min(MODULE_WORKERS, torch.get_num_threads()))
+
+
+Merged = tuple[MergedModule, dict[str, dict[str, float]], Subspaces | None]
+Merging = Generator[tuple[ModulePlan, Merged], None, None]
+
+
+def _one_at_a_time(plan: MergePlan, reader: Iterable[LoadedInputs], device: torch.device,
+                   checkpoint: Checkpoint | None) -> Merging:
+    """Each module merged in turn, on the threads `module_ops` chooses."""
+    for module, loaded in zip(plan.modules, reader, strict=True):
+        if checkpoint is not None:
+            checkpoint()
+        with module_ops():
+            merged = _merge_module(plan, module, to_device(loaded, device), device)
+        del loaded
+        yield module, merged
+
+
+def _side_by_side(plan: MergePlan, adapters: Sequence[LoraAdapter], device: torch.device,
+                  workers: int, checkpoint: Checkpoint | None) -> Merging:
+    """Up to `workers` modules merging at once in a thread pool, the merge's threads split
+    between them; read here, in plan order (file order, so the inputs' digests still come
+    from the same reads), and handed back in plan order. At most `workers` modules' inputs
+    are held: the next module is read once the oldest one is done."""
+    window: collections.deque[tuple[ModulePlan, Future[Merged]]] = collections.deque()
+    threads = max(1, torch.get_num_threads() // workers)
+    with torch_threads(threads), gil_switch_interval(GIL_SWITCH_S), ThreadPoolExecutor(
+            workers, thread_name_prefix="merge-worker") as pool:
+        try:
+            for module in plan.modules:
+                if len(window) == workers:
+                    oldest, running = window.popleft()
+                    yield oldest, running.result()
+                if checkpoint is not None:
+                    checkpoint()
+                loaded = load_factors(module, adapters, device)
+                window.append((module, pool.submit(_merge_module, plan, module,
+                                                   loaded.pairs, device)))
+                del loaded
+            while window:
+                oldest, running = window.popleft()
+                yield oldest, running.result()
+        finally:                    # stopped early: drop what has not started, wait for the rest
+            for _, running in window:
+                running.cancel()
+
+
 def _read_in_turn(modules: Sequence[ModulePlan], adapters: Sequence[LoraAdapter],
                   device: torch.device) -> Iterator[LoadedInputs]:
     for module in modules:
@@ -174,34 +260,44 @@ class _InTurn:
 
 def execute_merge(plan: MergePlan, adapters: Sequence[LoraAdapter], *, device: torch.device,
                   progress: Progress | None = None, checkpoint: Checkpoint | None = None,
-                  sink: Sink | None = None, read_ahead: int | None = None) -> MergeOutput:
+                  sink: Sink | None = None, read_ahead: int | None = None,
+                  workers: int | None = None) -> MergeOutput:
     """Merge every module of `plan`; outputs go to `sink` (in plan order) or, without
-    one, into the result. `read_ahead`: modules a reader thread may be ahead (memory: one
-    module's inputs each); 0 reads each module in turn; None: `default_read_ahead`."""
+    one, into the result.
+
+    `workers`: modules merged at once (`_side_by_side`; CPU only), read and written in the
+    caller's thread; None: `default_workers`, or 1 where `read_ahead` is given. With one,
+    modules are merged in turn, and `read_ahead` is how many modules a reader thread may
+    be ahead (memory: one module's inputs each); 0 reads each module in turn (and writes
+    without a writer thread); None: `default_read_ahead`."""
+    if workers is None:
+        workers = default_workers(plan, device) if read_ahead is None else 1
+    if workers > 1 and device.type != "cpu":
+        raise ValueError("modules are merged side by side on the CPU only")
     if read_ahead is None:
-        read_ahead = default_read_ahead(device)
+        read_ahead = 0 if workers > 1 else default_read_ahead(device)
     kept: list[MergedModule] = []
     per_module: dict[str, dict[str, dict[str, float]]] = {}
     subspaces: dict[str, Subspaces] = {}
     total = len(plan.modules)
     retain_freed_memory()
     with contextlib.ExitStack() as stack:
-        if device.type == "cpu":
+        if device.type == "cpu" and workers == 1:
             stack.enter_context(adaptive_threads())
         consume = sink if sink is not None else kept.append
         writer: WriteBehind[MergedModule] | _InTurn = _InTurn(consume) if read_ahead == 0 \
             else stack.enter_context(WriteBehind(consume, name="merge-writer"))
-        reader: Iterable[LoadedInputs] = _read_in_turn(plan.modules, adapters, device) \
-            if read_ahead == 0 else stack.enter_context(Prefetch(
-                plan.modules, lambda m: load_factors(m, adapters, device), depth=read_ahead,
-                name="merge-reader"))
-        for done, (module, loaded) in enumerate(zip(plan.modules, reader, strict=True)):
-            if checkpoint is not None:
-                checkpoint()
-            with module_ops():
-                result, rows, found = _merge_module(plan, module, to_device(loaded, device),
-                                                    device)
-            del loaded
+        merged: Merging
+        if workers > 1:
+            merged = _side_by_side(plan, adapters, device, workers, checkpoint)
+        else:
+            reader: Iterable[LoadedInputs] = _read_in_turn(plan.modules, adapters, device) \
+                if read_ahead == 0 else stack.enter_context(Prefetch(
+                    plan.modules, lambda m: load_factors(m, adapters, device),
+                    depth=read_ahead, name="merge-reader"))
+            merged = _one_at_a_time(plan, reader, device, checkpoint)
+        for done, (module, (result, rows, found)) in enumerate(
+                stack.enter_context(contextlib.closing(merged))):
             writer.put(result)
             per_module[module.name] = rows
             if found is not None:

@@ -145,6 +145,7 @@ class MethodSpec:
     takes_rank: bool
     takes_rule: bool
     summary: str
+    dense: bool = False       # works on m×n matrices: its memory is a module's dense stack
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -152,7 +153,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("ctm", merge_ctm, True, True,
                    "Compress-then-Merge: rule on r×r coordinates in shared subspaces"),
         MethodSpec("mtc", merge_mtc, True, True,
-                   "merge-then-compress: rule on dense deltas, truncated SVD (baseline)"),
+                   "merge-then-compress: rule on dense deltas, truncated SVD (baseline)",
+                   dense=True),
         MethodSpec("cat", merge_cat, False, False,
                    "concatenate weighted factors: exact, rank = sum of input ranks"),
         MethodSpec("core", merge_core, True, True,

@@ -36,12 +36,12 @@ symmetric product each (k²R flops, `FactorStack.grams`), and only their top r e
 are taken, by LAPACK's partial solver (tridiagonalisation, then MRRR for r of the k
 eigenpairs: `top_eigh`), as exact as the full solver and 2.5–4.5× faster at k = 1,024–2,048
 here; the two run side by side, one per core, where the merge has two threads
-(`top_eighs`, `lapack.partial_eighs`). Once the stack is large (`FLOAT32_SWEEP_SIZE`) the Grams, their eigensolver and the
-sweeps (the k×R by R×r products, the r×r work and the QRs) run in float32: a sweep only
-has to find a better subspace. A sweep that rounding would make lose energy is undone and
-ends the run; the subspaces found are re-orthonormalised in float64 and their energy
-measured there, and if rounding left that below the HOSVD start, the start is kept: E
-never drops.
+(`top_eighs`, `lapack.partial_eighs`). Once the stack is large (`FLOAT32_SWEEP_SIZE`) the
+Grams, their eigensolver and the sweeps (the k×R by R×r products, the r×r work and the
+QRs) run in float32: a sweep only has to find a better subspace. A sweep that rounding
+would make lose energy is undone and ends the run; the subspaces found are
+re-orthonormalised in float64 and their energy measured there, and if rounding left that
+below the HOSVD start, the start is kept: E never drops.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -116,6 +117,20 @@ class _MergeThreads:
 
     def chooser(self, kind: str) -> ThreadChooser:
         return self.choosers.setdefault(kind, ThreadChooser(self.threads, start=self.start))
+
+
+@contextlib.contextmanager
+def gil_switch_interval(seconds: float) -> Iterator[None]:
+    """Python's thread switch interval set to `seconds` inside (process-wide), restored
+    after. Threads that each run many small torch ops wait for the GIL between them; at
+    the default 5 ms a waiting thread can lose most of a slice to a thread running plain
+    Python (measured in `executor.GIL_SWITCH_S`)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @contextlib.contextmanager

@@ -3,11 +3,14 @@ stopping cleanly — first the two stages on their own, then in a real merge."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafold.adapters import open_adapter
 from lorafold.adapters.reader import LoraAdapter, LoraFactors
-from lorafold.errors import InvalidAdapter, JobCancelled
+from lorafold.errors import InvalidAdapter, JobCancelled, NumericalError
 from lorafold.merge import MergeRequest, merge_adapters
 from lorafold.merge.pipeline import Prefetch, WriteBehind
 from lorafold.synthetic import llama_module_shapes, write_random_adapter
@@ -208,3 +211,125 @@ def test_helper_threads_only_where_a_core_is_left_for_them() -> None:
         with torch_threads(cores - 1):
             assert default_read_ahead(torch.device("cpu")) == 1
     assert default_read_ahead(torch.device("cuda")) == 1
+
+
+# ------------------------------------------------------- two modules at once (the CPU's way)
+
+def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_two_modules_at_once_give_what_one_at_a_time_gives(inputs: list[Path],
+                                                           tmp_path: Path) -> None:
+    switch, threads = sys.getswitchinterval(), torch.get_num_threads()
+    one = merge_adapters(inputs, tmp_path / "one", MergeRequest(rank=4), device="cpu",
+                         workers=1)
+    two = merge_adapters(inputs, tmp_path / "two", MergeRequest(rank=4), device="cpu",
+                         workers=2)
+    a, b = merged_tensors(one.out_dir), merged_tensors(two.out_dir)
+    assert list(a) == list(b) and len(a) == 2 * len(SHAPES)
+    for key in a:                       # thread counts may differ: rounding, not more
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    assert one.report["modules"].keys() == two.report["modules"].keys()
+    assert sys.getswitchinterval() == switch and torch.get_num_threads() == threads
+    assert helper_threads() == []
+
+
+def test_two_at_once_read_in_file_order_and_hold_at_most_two_modules(
+        inputs: list[Path], tmp_path: Path) -> None:
+    adapters = [counting(p) for p in inputs]
+    ahead: list[int] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        if stage == "merge":
+            merged = round(fraction * len(SHAPES))
+            ahead.append(max(len(a.loads) for a in adapters) - merged)
+
+    try:
+        result = merge_adapters(adapters, tmp_path / "out", MergeRequest(rank=4),
+                                device="cpu", progress=progress, workers=2)
+    finally:
+        for adapter in adapters:
+            adapter.close()
+    assert len(ahead) == len(SHAPES) and max(ahead) <= 2
+    assert all(a.loads == sorted(a.loads) for a in adapters)   # in file order
+    assert [i["sha256"] for i in result.lineage["inputs"]] == [   # hashed on the way
+        hashlib.sha256(weights(p).read_bytes()).hexdigest() for p in inputs]
+
+
+def test_cancelling_two_at_once_stops_them_and_writes_nothing(inputs: list[Path],
+                                                              tmp_path: Path) -> None:
+    calls = {"n": 0}
+    fractions: list[float] = []
+
+    def checkpoint() -> None:
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise JobCancelled("cancelled")
+
+    with pytest.raises(JobCancelled):
+        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
+                       checkpoint=checkpoint, workers=2,
+                       progress=lambda stage, f: fractions.append(f) if stage == "merge"
+                       else None)
+    assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
+    assert fractions == sorted(fractions) and len(fractions) == 8 - 2   # two were merging
+    assert helper_threads() == []
+
+
+def test_an_error_in_a_worker_fails_the_merge_with_nothing_written(
+        inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorafold.merge import executor
+
+    real = executor._merge_module
+    broken = sorted(SHAPES)[5]
+
+    def merge_module(plan: Any, module: Any, *args: Any) -> Any:
+        if module.name.endswith(broken):
+            raise NumericalError(f"{module.name}: injected")
+        return real(plan, module, *args)
+
+    monkeypatch.setattr(executor, "_merge_module", merge_module)
+    with pytest.raises(NumericalError, match="injected"):
+        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
+                       workers=2)
+    assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
+    assert helper_threads() == []
+
+
+def test_a_broken_input_fails_a_merge_two_at_once(inputs: list[Path], tmp_path: Path) -> None:
+    key = f"base_model.model.{sorted(SHAPES)[-1]}.lora_A.weight"
+    tensors = load_file(str(weights(inputs[2])))
+    tensors[key][1, 1] = float("nan")
+    save_file(tensors, str(weights(inputs[2])))
+    with pytest.raises(InvalidAdapter) as caught:
+        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
+                       workers=2)
+    assert caught.value.code == "non_finite" and key in caught.value.message
+    assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
+    assert helper_threads() == []
+
+
+def test_modules_go_two_at_once_on_the_cpu_for_factor_sized_methods(
+        inputs: list[Path]) -> None:
+    from lorafold.merge.executor import default_workers, execute_merge
+    from lorafold.merge.plan import plan_merge
+    from lorafold.merge.threads import torch_threads
+
+    cpu = torch.device("cpu")
+    with contextlib.ExitStack() as stack:
+        adapters = [stack.enter_context(open_adapter(p)) for p in inputs]
+        ctm = plan_merge(adapters, MergeRequest(rank=4))
+        mtc = plan_merge(adapters, MergeRequest(rank=4, method="mtc"))
+        with torch_threads(2):
+            assert default_workers(ctm, cpu) == 2
+            assert default_workers(mtc, cpu) == 1            # dense m×n work per module
+            assert default_workers(ctm, torch.device("cuda")) == 1
+        with torch_threads(1):
+            assert default_workers(ctm, cpu) == 1
+        handed: list[str] = []                               # the sink sees plan order
+        execute_merge(ctm, adapters, device=cpu, workers=2,
+                      sink=lambda merged: handed.append(merged.spec.name))
+        assert handed == [m.spec.name for m in ctm.modules]
+        with pytest.raises(ValueError, match="CPU only"):
+            execute_merge(ctm, adapters, device=torch.device("cuda"), workers=2)
