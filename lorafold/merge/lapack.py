@@ -102,10 +102,10 @@ def partial_eighs(matrices: Sequence[np.ndarray], rank: int, *, blas_threads: in
     with _blas_threads().limit(limits=blas_threads, user_api="blas"):
         if not parallel or len(matrices) < 2:
             return [partial_eigh(m, rank) for m in matrices]
-        return _side_by_side(matrices, rank)
+        return _in_threads(matrices, rank)
 
 
-def _side_by_side(matrices: Sequence[np.ndarray], rank: int,
+def _in_threads(matrices: Sequence[np.ndarray], rank: int,
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     results: list[tuple[np.ndarray, np.ndarray] | BaseException | None] = [None] * len(matrices)
 

@@ -208,9 +208,12 @@ def top_eigh(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def top_eighs(grams: Sequence[torch.Tensor], rank: int,
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`top_eigh` of each of a few same-sized matrices. Where the partial solver runs on
-    one BLAS thread (PARTIAL_EIGH_MIN_DIM ≤ k < PARALLEL_EIGH_MIN_DIM) and the merge has
-    two threads or more, they are solved side by side, one per core (`partial_eighs`)."""
+    """`top_eigh` of each of a few symmetric matrices. Where they have one size k, the
+    partial solver runs on one BLAS thread (PARTIAL_EIGH_MIN_DIM ≤ k < PARALLEL_EIGH_MIN_DIM)
+    and the merge has two threads or more, they are solved side by side, one per core
+    (`partial_eighs`)."""
+    if len({gram.shape[0] for gram in grams}) > 1:
+        return [top_eighs([gram], rank)[0] for gram in grams]
     size = grams[0].shape[0]
     rank = min(rank, size)
     if grams[0].device.type != "cpu" or size < PARTIAL_EIGH_MIN_DIM or 2 * rank > size:

@@ -190,6 +190,19 @@ def test_top_eighs_side_by_side_are_each_top_eigh(threads: int) -> None:
         assert torch.equal(values, one_values) and torch.equal(vectors, one_vectors)
 
 
+def test_top_eighs_of_two_sizes_takes_each_its_own_route() -> None:
+    """k_B ≠ k_A (m or n below R): the small Gram gets the full solver, the large one the
+    partial one, as top_eigh gives them."""
+    g = torch.Generator().manual_seed(10)
+    small, large = (torch.randn(k, k, generator=g, dtype=torch.float64) for k in (40, 300))
+    grams = [small @ small.T, large @ large.T]
+    for gram, (values, vectors) in zip(grams, top_eighs(grams, 16), strict=True):
+        one_values, one_vectors = top_eigh(gram, 16)
+        assert torch.equal(values, one_values) and torch.equal(vectors, one_vectors)
+        full = torch.linalg.eigvalsh(gram)[-16:].flip(0)
+        assert torch.allclose(values, full, rtol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(300, 300), (200, 320), (320, 200)])
 def test_split_core_top_r_is_the_truncated_svd(shape: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(8)
