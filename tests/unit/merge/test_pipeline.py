@@ -251,7 +251,7 @@ def test_two_at_once_read_in_file_order_and_hold_at_most_two_modules(
     finally:
         for adapter in adapters:
             adapter.close()
-    assert len(ahead) == len(SHAPES) and max(ahead) <= 2
+    assert len(ahead) == len(SHAPES) and max(ahead) == 1    # the next one, no more
     assert all(a.loads == sorted(a.loads) for a in adapters)   # in file order
     assert [i["sha256"] for i in result.lineage["inputs"]] == [   # hashed on the way
         hashlib.sha256(weights(p).read_bytes()).hexdigest() for p in inputs]
