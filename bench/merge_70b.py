@@ -12,8 +12,9 @@ inputs read the way the merge reads them + CtM's flops at the best fp32 GEMM rat
 just before and after (as bench/merge_speed.py computes it).
 
 The memory bound it checks (the pipeline's, lorafold/merge/executor.py): the process after
-its imports + two modules' inputs (as stored and upcast to fp32) + three modules' outputs
-in fp32 + an allowance — however many layers the model has.
+its imports + three modules' inputs (as stored and upcast to fp32: two merging side by
+side, one read ahead) + three modules' outputs in fp32 + an allowance — however many
+layers the model has.
 
     .venv/bin/python bench/merge_70b.py              # full size: ~3.3 GB on disk, minutes
     .venv/bin/python bench/merge_70b.py --quick      # 2 tiny layers: seconds (CI smoke)
@@ -86,13 +87,13 @@ QUICK = ScaleConfig(layers=2, hidden=256, intermediate=896, kv=32,
 
 
 def memory_bound(cfg: ScaleConfig, baseline_rss: int) -> dict[str, int]:
-    """The pipeline's bound: baseline + 2 modules' inputs (stored + fp32) + 3 outputs (fp32)."""
+    """The pipeline's bound: baseline + 3 modules' inputs (stored + fp32) + 3 outputs (fp32)."""
     shapes = cfg.module_shapes().values()
     stored = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
     widest = max(m + n for m, n in shapes)
-    inputs = 2 * cfg.adapters * cfg.rank * widest * (stored + 4)
+    inputs = 3 * cfg.adapters * cfg.rank * widest * (stored + 4)
     outputs = 3 * cfg.rank * widest * 4
-    return {"baseline": baseline_rss, "two_modules_inputs": inputs,
+    return {"baseline": baseline_rss, "three_modules_inputs": inputs,
             "three_modules_outputs": outputs, "allowance": cfg.allowance_bytes,
             "limit": baseline_rss + inputs + outputs + cfg.allowance_bytes}
 
@@ -197,8 +198,8 @@ def render(result: dict[str, Any]) -> str:
     lines.append(f"end to end / floor: {result['ratio']:.2f} (median, service path; CLI path "
                  f"{result['cli_ratio']:.2f}); peak RSS "
                  f"{result['peak_rss'] / MB:,.0f} MB vs bound {bound['limit'] / MB:,.0f} MB "
-                 f"(baseline {bound['baseline'] / MB:,.0f} + 2 modules' inputs "
-                 f"{bound['two_modules_inputs'] / MB:,.1f} + 3 outputs "
+                 f"(baseline {bound['baseline'] / MB:,.0f} + 3 modules' inputs "
+                 f"{bound['three_modules_inputs'] / MB:,.1f} + 3 outputs "
                  f"{bound['three_modules_outputs'] / MB:,.1f} + {bound['allowance'] / MB:,.0f}): "
                  f"{'within' if result['within_bound'] else 'OVER'}")
     return "\n".join(lines)

@@ -4,8 +4,9 @@ On the CPU, modules are merged two at once (`_side_by_side`, `default_workers`):
 two threads merges, each on half the merge's torch threads, while the caller's thread
 reads the next module's factors in plan order (plain reads, the inputs' sha256 on the
 way, the NaN/Inf check, the float32 upcast) and hands finished modules to the sink (e.g.
-`AdapterWriter.add`) in plan order. A module is read once the oldest of the two in flight
-is done, so memory holds two modules' inputs and at most three outputs.
+`AdapterWriter.add`) in plan order. The next module is read while both merge and goes to
+the first worker that is free; so memory holds three modules' inputs and at most three
+outputs.
 
 Otherwise (a GPU, a dense method, a merge on one thread) modules are merged in turn, with
 three stages at once where there is a core for each: a reader thread loads the next
@@ -169,8 +170,9 @@ def default_read_ahead(device: torch.device) -> int:
     return 1 if (os.cpu_count() or 1) > torch.get_num_threads() else 0
 
 
-# Modules merged at once on the CPU. Two keep the memory bound of the one-at-a-time pipeline
-# (two modules' inputs, three outputs); the merge's threads are split between them.
+# Modules merged at once on the CPU, the merge's threads split between them. With one
+# module read ahead for whichever is free first, a merge holds three modules' inputs (one
+# at a time: two) and three outputs.
 MODULE_WORKERS = 2
 # Python's thread switch interval while they run. The two workers and the reading thread
 # hand the GIL back and forth between small torch ops; at the default 5 ms, 32 Llama-7B
@@ -217,15 +219,17 @@ def _side_by_side(plan: MergePlan, adapters: Sequence[LoraAdapter], device: torc
                   workers: int, checkpoint: Checkpoint | None) -> Merging:
     """Up to `workers` modules merging at once in a thread pool, the merge's threads split
     between them; read here, in plan order (file order, so the inputs' digests still come
-    from the same reads), and handed back in plan order. At most `workers` modules' inputs
-    are held: the next module is read once the oldest one is done."""
+    from the same reads), and handed back in plan order. One module more than `workers` is
+    read ahead, so a worker that finishes starts the next at once instead of waiting for
+    this thread to read it (2 workers, 32 Llama-7B layers: 2.46 against 2.59 s, medians of
+    12 alternating): `workers` + 1 modules' inputs are held."""
     window: collections.deque[tuple[ModulePlan, Future[Merged]]] = collections.deque()
     threads = max(1, torch.get_num_threads() // workers)
     with torch_threads(threads), gil_switch_interval(GIL_SWITCH_S), ThreadPoolExecutor(
             workers, thread_name_prefix="merge-worker") as pool:
         try:
             for module in plan.modules:
-                if len(window) == workers:
+                if len(window) > workers:
                     oldest, running = window.popleft()
                     yield oldest, running.result()
                 if checkpoint is not None:

@@ -57,7 +57,7 @@ def test_memory_bound_by_hand(bench: ModuleType) -> None:
     cfg = replace(bench.QUICK, adapters=2, rank=4, allowance_bytes=0)
     bound = bench.memory_bound(cfg, baseline_rss=1000)
     widest = 896 + 256                           # gate/up: 896×256
-    assert bound["two_modules_inputs"] == 2 * 2 * 4 * widest * (2 + 4)
+    assert bound["three_modules_inputs"] == 3 * 2 * 4 * widest * (2 + 4)
     assert bound["three_modules_outputs"] == 3 * 4 * widest * 4
-    assert bound["limit"] == 1000 + bound["two_modules_inputs"] + bound["three_modules_outputs"]
+    assert bound["limit"] == 1000 + bound["three_modules_inputs"] + bound["three_modules_outputs"]
 
