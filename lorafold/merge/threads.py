@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -120,28 +121,27 @@ class _MergeThreads:
 
 
 @contextlib.contextmanager
-def gil_switch_interval(seconds: float) -> Iterator[None]:
-    """Python's thread switch interval set to `seconds` inside (process-wide), restored
-    after. Threads that each run many small torch ops wait for the GIL between them; at
-    the default 5 ms a waiting thread can lose most of a slice to a thread running plain
-    Python (measured in `executor.GIL_SWITCH_S`)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
+def _setting(get: Callable[[], Any], put: Callable[[Any], Any], value: Any) -> Iterator[None]:
+    """A process-wide setting at `value` inside, the caller's value restored after."""
+    before = get()
+    put(value)
     try:
         yield
     finally:
-        sys.setswitchinterval(before)
+        put(before)
 
 
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
+def gil_switch_interval(seconds: float) -> contextlib.AbstractContextManager[None]:
+    """Python's thread switch interval at `seconds` inside (process-wide). Threads that
+    each run many small torch ops wait for the GIL between them; at the default 5 ms a
+    waiting thread can lose most of a slice to a thread running plain Python (measured in
+    `executor.GIL_SWITCH_S`)."""
+    return _setting(sys.getswitchinterval, sys.setswitchinterval, seconds)
+
+
+def torch_threads(count: int) -> contextlib.AbstractContextManager[None]:
     """torch on `count` threads inside, the caller's count restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _setting(torch.get_num_threads, torch.set_num_threads, count)
 
 
 _ACTIVE: ContextVar[_MergeThreads | None] = ContextVar("merge_threads", default=None)

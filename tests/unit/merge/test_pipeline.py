@@ -125,35 +125,44 @@ def counting(path: Path) -> CountingAdapter:
     return adapter
 
 
-def test_a_merge_reads_at_most_two_modules_ahead_of_the_one_it_finished(
-        inputs: list[Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("how", "least", "most"), [
+    ({"read_ahead": 1}, 1, 2),     # a reader thread: one module ahead of the one merging
+    ({"workers": 2}, 2, 2)],       # two at once: two merging, one read for the first free
+    ids=["threads", "two-at-once"])
+def test_a_merge_reads_a_bounded_number_of_modules_ahead_in_file_order(
+        inputs: list[Path], tmp_path: Path, how: dict[str, int], least: int,
+        most: int) -> None:
     adapters = [counting(p) for p in inputs]
     ahead: list[int] = []
 
     def progress(stage: str, fraction: float) -> None:
         if stage == "merge":
             merged = round(fraction * len(SHAPES))
-            time.sleep(0.005)           # a slow merge: the reader would run ahead
+            time.sleep(0.005)           # a slow consumer: the reader would run ahead
             ahead.append(max(len(a.loads) for a in adapters) - merged)
 
     try:
-        merge_adapters(adapters, tmp_path / "out", MergeRequest(rank=4), device="cpu",
-                       progress=progress, read_ahead=1)
+        result = merge_adapters(adapters, tmp_path / "out", MergeRequest(rank=4),
+                                device="cpu", progress=progress, **how)
     finally:
         for adapter in adapters:
             adapter.close()
     assert len(ahead) == len(SHAPES)
-    assert max(ahead) <= 2 and max(ahead) >= 1    # it does read ahead, by one module
+    assert least <= max(ahead) <= most
     assert all(a.loads == sorted(a.loads) for a in adapters)   # in file order
+    assert [i["sha256"] for i in result.lineage["inputs"]] == [   # hashed on the way
+        hashlib.sha256(weights(p).read_bytes()).hexdigest() for p in inputs]
 
 
 def staging_left(tmp_path: Path) -> list[str]:
     return [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-@pytest.mark.parametrize("read_ahead", [0, 1], ids=["in-turn", "threads"])
+@pytest.mark.parametrize(("how", "reported"), [
+    ({"read_ahead": 0}, 7), ({"read_ahead": 1}, 7), ({"workers": 2}, 8 - 3)],
+    ids=["in-turn", "threads", "two-at-once"])   # two at once: 3 modules were in flight
 def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
-        inputs: list[Path], tmp_path: Path, read_ahead: int) -> None:
+        inputs: list[Path], tmp_path: Path, how: dict[str, int], reported: int) -> None:
     calls = {"n": 0}
     fractions: list[float] = []
 
@@ -164,11 +173,11 @@ def test_cancelling_mid_merge_stops_every_stage_and_writes_nothing(
 
     with pytest.raises(JobCancelled):
         merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
-                       checkpoint=checkpoint, read_ahead=read_ahead,
+                       checkpoint=checkpoint, **how,
                        progress=lambda stage, f: fractions.append(f) if stage == "merge"
                        else None)
     assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
-    assert fractions == sorted(fractions) and len(fractions) == 7
+    assert fractions == sorted(fractions) and len(fractions) == reported
     assert helper_threads() == []
 
 
@@ -232,48 +241,6 @@ def test_two_modules_at_once_give_what_one_at_a_time_gives(inputs: list[Path],
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
     assert one.report["modules"].keys() == two.report["modules"].keys()
     assert sys.getswitchinterval() == switch and torch.get_num_threads() == threads
-    assert helper_threads() == []
-
-
-def test_two_at_once_read_in_file_order_and_hold_at_most_three_modules(
-        inputs: list[Path], tmp_path: Path) -> None:
-    adapters = [counting(p) for p in inputs]
-    ahead: list[int] = []
-
-    def progress(stage: str, fraction: float) -> None:
-        if stage == "merge":
-            merged = round(fraction * len(SHAPES))
-            ahead.append(max(len(a.loads) for a in adapters) - merged)
-
-    try:
-        result = merge_adapters(adapters, tmp_path / "out", MergeRequest(rank=4),
-                                device="cpu", progress=progress, workers=2)
-    finally:
-        for adapter in adapters:
-            adapter.close()
-    assert len(ahead) == len(SHAPES) and max(ahead) == 2    # two merging, one read
-    assert all(a.loads == sorted(a.loads) for a in adapters)   # in file order
-    assert [i["sha256"] for i in result.lineage["inputs"]] == [   # hashed on the way
-        hashlib.sha256(weights(p).read_bytes()).hexdigest() for p in inputs]
-
-
-def test_cancelling_two_at_once_stops_them_and_writes_nothing(inputs: list[Path],
-                                                              tmp_path: Path) -> None:
-    calls = {"n": 0}
-    fractions: list[float] = []
-
-    def checkpoint() -> None:
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise JobCancelled("cancelled")
-
-    with pytest.raises(JobCancelled):
-        merge_adapters(inputs, tmp_path / "out", MergeRequest(rank=4), device="cpu",
-                       checkpoint=checkpoint, workers=2,
-                       progress=lambda stage, f: fractions.append(f) if stage == "merge"
-                       else None)
-    assert not (tmp_path / "out").exists() and staging_left(tmp_path) == []
-    assert fractions == sorted(fractions) and len(fractions) == 8 - 3   # 3 in flight
     assert helper_threads() == []
 
 
