@@ -236,7 +236,7 @@ def _side_by_side(plan: MergePlan, adapters: Sequence[LoraAdapter], device: torc
                     checkpoint()
                 loaded = load_factors(module, adapters, device)
                 window.append((module, pool.submit(_merge_module, plan, module,
-                                                   loaded.pairs, device)))
+                                                   to_device(loaded, device), device)))
                 del loaded
             while window:
                 oldest, running = window.popleft()
